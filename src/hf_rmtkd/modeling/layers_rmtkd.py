@@ -1,0 +1,359 @@
+"""Reduced layers of an RMT-KD checkpoint and the shape-only builders that install them.
+
+This file is copied flat into every saved checkpoint (next to ``modeling_rmtkd.py``), so it imports only torch,
+transformers and the standard library. The data-driven surgery that fills these layers with weights computed from
+calibration statistics lives in ``hf_rmtkd.reductions``; here we only create modules of the right shapes from a
+reduction-map entry, which is all ``from_pretrained`` needs (transformers 5.x builds the skeleton on the meta device
+and loads the weights afterwards).
+
+A reduction map is ``{module path: entry}``, with module paths relative to the wrapped base model:
+
+- ``{"kind": "low_rank", "rank": k}``: an ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv2d`` becomes a
+  :class:`LowRankLinear` / :class:`LowRankConv2d`.
+- ``{"kind": "ffn_width", "width": k, "producers": [...]}``: the producers' output dim and the consumer's input dim
+  become k; they stay plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm``.
+- ``{"kind": "embedding", "rank": k}``: an ``nn.Embedding(V, d)`` becomes a :class:`LowRankEmbedding`.
+"""
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class ModulePathError(KeyError, ValueError):
+    """A reduction names a module the model does not have, or one of a type the reduction cannot handle.
+
+    Subclasses both ``KeyError`` (a missing name) and ``ValueError`` (a bad argument) so callers may catch either.
+    """
+
+    def __str__(self):
+        # KeyError.__str__ would wrap the message in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Module paths
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """Return the submodule at a dotted path, with an error that names the path when it is missing.
+
+    Args:
+        model: the model to search.
+        path: dotted module path relative to ``model``, e.g. ``"bert.encoder.layer.0.output.dense"``.
+
+    Returns:
+        The submodule.
+    """
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise ModulePathError(
+            f"Module '{path}' was not found in {type(model).__name__}: the reduction map must name module paths "
+            f"relative to the base model (see `model.named_modules()`). ({err})"
+        ) from None
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted path (which must already exist) by ``module``.
+
+    Args:
+        model: the model to modify in place.
+        path: dotted module path relative to ``model``.
+        module: the new module.
+    """
+    get_submodule(model, path)
+    parent_path, _, name = path.rpartition(".")
+    parent = get_submodule(model, parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _factory(module: nn.Module) -> dict:
+    """Device and floating dtype of a module's tensors, so replacements land where the original lived."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reduced modules
+
+
+class LowRankLinear(nn.Module):
+    """``y = up(down(x))``: a linear map factored through ``rank`` directions of its input.
+
+    ``down`` holds the projection P (rank × in_features, no bias); ``up`` holds W Pᵀ (out_features × rank) and a bias
+    that also carries the centring term W (I − PᵀP) μ. Parameters: rank·(in + out) + out.
+
+    Args:
+        in_features: d_in.
+        out_features: d_out.
+        rank: k, the number of kept input directions.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankConv2d(nn.Module):
+    """A ``Conv2d`` that first projects its input channels onto ``rank`` directions with a 1×1 convolution.
+
+    ``down`` is the 1×1 projection P (rank × in_channels, no bias); ``conv`` is the original convolution with ``rank``
+    input channels and a bias (the centring term). Parameters: rank·in + out·rank·kh·kw + out.
+
+    Args:
+        conv: the convolution being replaced (only its hyper-parameters are read; groups must be 1).
+        rank: k, the number of kept input-channel directions.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.rank = conv.in_channels, conv.out_channels, rank
+        self.down = nn.Conv2d(conv.in_channels, rank, kernel_size=1, bias=False, device=device, dtype=dtype)
+        self.conv = nn.Conv2d(
+            rank,
+            conv.out_channels,
+            kernel_size=conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=True,
+            padding_mode=conv.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, c_in, H, W) -> (B, c_out, H', W')
+        return self.conv(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}"
+
+
+class LowRankEmbedding(nn.Module):
+    """A token embedding stored as ``rank``-dimensional codes plus an up-projection: ``E[v] ≈ up(E'[v])``.
+
+    ``embed`` is ``nn.Embedding(V, rank)`` holding E Pᵀ (keeps ``padding_idx``); ``up`` is ``nn.Linear(rank, d)``
+    holding Pᵀ and the centring term (I − PᵀP) μ as its bias. ``num_embeddings`` / ``embedding_dim`` /
+    ``padding_idx`` mirror ``nn.Embedding`` for code that reads them from ``get_input_embeddings()``.
+
+    Args:
+        num_embeddings: V, the vocabulary size.
+        embedding_dim: d, the output width (the model's hidden size).
+        rank: k.
+        padding_idx: as in ``nn.Embedding``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx=None, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.embed = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, embedding_dim, bias=True, device=device, dtype=dtype)
+
+    @property
+    def padding_idx(self):
+        return self.embed.padding_idx
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
+        return self.up(self.embed(input_ids))
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shape-only builders: entry -> {path: new module}. They read shapes from the modules they replace, never weights,
+# so they run on the meta device.
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is stored transposed, d_in × d_out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(type(module).__name__)
+
+
+def _check_rank(path: str, rank, full: int, what: str) -> int:
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= full:
+        raise ValueError(f"Reduction of '{path}': {what} must be an int in [1, {full}], got {rank!r}.")
+    return rank
+
+
+def plan_low_rank(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
+    """Shape-only replacement for a ``low_rank`` entry: ``{path: LowRankLinear | LowRankConv2d}``."""
+    old = get_submodule(model, path)
+    kwargs = _factory(old)
+    if isinstance(old, (nn.Linear, Conv1D)):
+        d_in, d_out = linear_shape(old)
+        rank = _check_rank(path, entry.get("rank"), d_in, "'rank'")
+        return {path: LowRankLinear(d_in, d_out, rank, **kwargs)}
+    if isinstance(old, nn.Conv2d):
+        if old.groups != 1:
+            raise ModulePathError(f"low_rank cannot reduce '{path}': grouped convolutions (groups={old.groups}).")
+        rank = _check_rank(path, entry.get("rank"), old.in_channels, "'rank'")
+        return {path: LowRankConv2d(old, rank, **kwargs)}
+    raise ModulePathError(
+        f"low_rank cannot reduce '{path}': it is a {type(old).__name__}, expected nn.Linear, Conv1D or nn.Conv2d."
+    )
+
+
+def producer_width(path: str, module: nn.Module) -> int:
+    """The output dim of an FFN producer: Linear out_features, Conv2d out_channels, BatchNorm2d / LayerNorm features."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return module.out_channels
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return module.normalized_shape[0]
+    raise ModulePathError(
+        f"ffn_width cannot narrow producer '{path}': it is a {type(module).__name__}, expected nn.Linear, nn.Conv2d "
+        "(groups=1), nn.BatchNorm2d or a 1-d nn.LayerNorm."
+    )
+
+
+def _with_output_width(old: nn.Module, width: int) -> nn.Module:
+    """A module like ``old`` (a producer already checked by :func:`producer_width`) with output width ``width``."""
+    kwargs = _factory(old)
+    if isinstance(old, nn.Linear):
+        return nn.Linear(old.in_features, width, bias=old.bias is not None, **kwargs)
+    if isinstance(old, nn.Conv2d):
+        return nn.Conv2d(
+            old.in_channels,
+            width,
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            dilation=old.dilation,
+            bias=old.bias is not None,
+            padding_mode=old.padding_mode,
+            **kwargs,
+        )
+    if isinstance(old, nn.BatchNorm2d):
+        return nn.BatchNorm2d(
+            width, old.eps, old.momentum, affine=old.affine, track_running_stats=old.track_running_stats, **kwargs
+        )
+    has_bias = old.elementwise_affine and old.bias is not None
+    return nn.LayerNorm(width, eps=old.eps, elementwise_affine=old.elementwise_affine, bias=has_bias, **kwargs)
+
+
+def consumer_width(path: str, module: nn.Module) -> int:
+    """The input dim of an FFN consumer: ``nn.Linear`` in_features or ``nn.Conv2d`` (groups=1) in_channels."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return module.in_channels
+    raise ModulePathError(
+        f"ffn_width cannot narrow consumer '{path}': it is a {type(module).__name__}, expected nn.Linear or "
+        "nn.Conv2d (groups=1)."
+    )
+
+
+def _with_input_width(old: nn.Module, width: int) -> nn.Module:
+    """A module like ``old`` (a consumer already checked by :func:`consumer_width`) with input width ``width``."""
+    kwargs = _factory(old)
+    if isinstance(old, nn.Linear):
+        return nn.Linear(width, old.out_features, bias=old.bias is not None, **kwargs)
+    return nn.Conv2d(
+        width,
+        old.out_channels,
+        kernel_size=old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+        **kwargs,
+    )
+
+
+def plan_ffn_width(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
+    """Shape-only replacements for an ``ffn_width`` entry: the consumer at ``path`` and every producer."""
+    producers = entry.get("producers")
+    if not producers or not isinstance(producers, (list, tuple)):
+        raise ValueError(f"ffn_width entry for '{path}' needs a non-empty 'producers' list of module paths.")
+    consumer = get_submodule(model, path)
+    d_inner = consumer_width(path, consumer)
+    width = _check_rank(path, entry.get("width"), d_inner, "'width'")
+    plan = {path: _with_input_width(consumer, width)}
+    for producer in producers:
+        module = get_submodule(model, producer)
+        if producer_width(producer, module) != d_inner:
+            raise ValueError(
+                f"ffn_width entry for '{path}': producer '{producer}' outputs {producer_width(producer, module)} "
+                f"features but the consumer reads {d_inner}."
+            )
+        plan[producer] = _with_output_width(module, width)
+    return plan
+
+
+def tied_embedding_error(model: nn.Module, path: str, embedding: nn.Embedding) -> str | None:
+    """A message if ``embedding`` shares its weight with an output head (so a factored embedding would untie it)."""
+    weight_key = f"{path}.weight"
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shares_weight = output is not None and getattr(output, "weight", None) is embedding.weight
+    if shares_weight or weight_key in tied or weight_key in tied.values():
+        return (
+            f"embedding cannot reduce '{path}': its weight is tied to the output layer (tie_word_embeddings). "
+            "Factoring it would silently untie the LM head; leave this embedding out of the reduction map."
+        )
+    return None
+
+
+def plan_embedding(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
+    """Shape-only replacement for an ``embedding`` entry: ``{path: LowRankEmbedding}``."""
+    old = get_submodule(model, path)
+    if not isinstance(old, nn.Embedding):
+        raise ModulePathError(f"embedding cannot reduce '{path}': it is a {type(old).__name__}, not nn.Embedding.")
+    if (message := tied_embedding_error(model, path, old)) is not None:
+        raise ValueError(message)
+    rank = _check_rank(path, entry.get("rank"), old.embedding_dim, "'rank'")
+    new = LowRankEmbedding(old.num_embeddings, old.embedding_dim, rank, padding_idx=old.padding_idx, **_factory(old))
+    return {path: new}
+
+
+PLANNERS = {"low_rank": plan_low_rank, "ffn_width": plan_ffn_width, "embedding": plan_embedding}
+
+
+def plan_reduction(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
+    """Dispatch one map entry to its kind's shape-only planner; errors name the path and the kind."""
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    if kind not in PLANNERS:
+        raise ValueError(f"Reduction map entry for '{path}' has unknown kind {kind!r}; known: {sorted(PLANNERS)}.")
+    return PLANNERS[kind](model, path, entry)
+
+
+def build_reduction(model: nn.Module, path: str, entry: dict) -> nn.Module:
+    """Install the reduced module(s) of one map entry, with fresh (uninitialised) weights of the right shapes.
+
+    Args:
+        model: the base model, modified in place.
+        path: the entry's module path (for ``ffn_width``, the consumer).
+        entry: the map entry (``kind`` plus ``rank`` / ``width`` / ``producers``).
+
+    Returns:
+        The new module at ``path``.
+    """
+    for target, module in plan_reduction(model, path, entry).items():
+        set_submodule(model, target, module)
+    return get_submodule(model, path)
+
+
+def apply_reduction_map(model: nn.Module, reductions: dict) -> None:
+    """Install every entry of a reduction map (shapes only) into ``model``, in map order."""
+    for path, entry in reductions.items():
+        build_reduction(model, path, entry)
