@@ -116,7 +116,7 @@ def test_higher_quantile_keeps_fewer_directions():
 
 def test_merged_accumulators_equal_one_over_all_data():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 40, 16, generator=g)
+    x = torch.randn(3, 40, 16, generator=g, dtype=torch.float64) + 5.0  # a large mean: no cancellation allowed
     mask = torch.rand(3, 40, generator=g) > 0.3
     whole = CovarianceAccumulator(16)
     whole.update(x, mask)
@@ -134,9 +134,18 @@ def test_merged_accumulators_equal_one_over_all_data():
 
 
 def test_statistics_are_float64_whatever_the_input_dtype():
-    acc = CovarianceAccumulator(8)
-    acc.update(torch.randn(64, 8).to(torch.bfloat16))
-    assert acc.covariance().dtype == torch.float64
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 300, 8, generator=g, dtype=torch.float64) * 0.01 + 100.0  # mean 10⁴× the spread
+    exact, low = CovarianceAccumulator(8), CovarianceAccumulator(8)
+    for batch in x:
+        exact.update(batch)
+        low.update(batch.float())
+    assert low.covariance().dtype == torch.float64
+    # float32 inputs are rounded (to ~1e-5 of 100 here); the statistics add no cancellation on top of that.
+    torch.testing.assert_close(low.covariance(), exact.covariance(), rtol=0.02, atol=1e-7)
+    bf16 = CovarianceAccumulator(8)
+    bf16.update(torch.randn(64, 8).to(torch.bfloat16))
+    assert bf16.covariance().dtype == torch.float64
 
 
 def test_non_finite_activation_names_the_site():

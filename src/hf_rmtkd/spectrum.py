@@ -85,7 +85,8 @@ class CovarianceAccumulator:
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add the rows of ``x`` (shape ``(..., d)``) whose ``mask`` (shape ``x.shape[:-1]``, bool) is true.
 
-        Whatever the input dtype (bf16/fp16 under autocast), statistics are accumulated in float64.
+        Whatever the input dtype (bf16/fp16 under autocast), the running sums are float64; see the comment below
+        for the one product computed in float32.
         """
         if x.shape[-1] != self.dim:
             raise ValueError(f"{self.name}: expected activations with last dimension {self.dim}, got {tuple(x.shape)}")
@@ -94,15 +95,24 @@ class CovarianceAccumulator:
             x = x[mask.reshape(-1).to(torch.bool)]
         if x.shape[0] == 0:
             return
-        x = x.to(device=self.sum.device, dtype=torch.float64)
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).any(dim=1).sum())
             raise NonFiniteActivationError(
                 f"Non-finite activations (NaN or Inf) at site '{self.name}': {bad} of {x.shape[0]} rows. "
                 "Check the model's weights and inputs, or run calibration in float32."
             )
-        self.sum_outer += x.T @ x
-        self.sum += x.sum(dim=0)
+        # Σxxᵀ = Σ(x−c)(x−c)ᵀ + c·sᵀ + s·cᵀ − n·ccᵀ for any c. With c the batch mean, the centred Gram matrix —
+        # the O(n·d²) part — is small relative to the covariance itself, so float32 is accurate for it (and twice as
+        # fast as float64 on CPU); the mean terms and every running sum stay in float64, so no cancellation occurs.
+        gram_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(device=self.sum.device)
+        total = x.sum(dim=0, dtype=torch.float64)
+        centre = (total / x.shape[0]).to(gram_dtype)
+        y = x.to(gram_dtype) - centre
+        c = centre.double()
+        mean_terms = torch.outer(c, total) + torch.outer(total, c) - x.shape[0] * torch.outer(c, c)
+        self.sum_outer += (y.T @ y).double() + mean_terms
+        self.sum += total
         self.n += x.shape[0]
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
@@ -136,6 +146,10 @@ class CovarianceAccumulator:
             mu = self.sum / self.n
             cov = cov - torch.outer(mu, mu)
         return (cov + cov.T) / 2
+
+    def eigenvalues(self, centre: bool = True) -> torch.Tensor:
+        """The covariance eigenvalues in float64, descending, shape (d,) (much cheaper than `eigh`)."""
+        return torch.linalg.eigvalsh(self.covariance(centre)).flip(0)
 
     def eigh(self, centre: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigen-decomposition of the covariance in float64, sorted descending.
