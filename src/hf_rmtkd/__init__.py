@@ -1,0 +1,15 @@
+"""hf_rmtkd: RMT-KD compression for Hugging Face models.
+
+Keeps the eigen-directions of hidden-activation covariances that rise above the Marchenko–Pastur bulk, shrinks each
+layer to that many directions, and restores accuracy by self-distillation (Ettori et al., arXiv 2509.15724).
+
+Importing the package registers the RMTKD config and model classes with the transformers Auto classes.
+"""
+
+from . import spectrum
+from .api import analyze
+from .report import SiteSpectrum, SpectralReport
+
+__version__ = "0.1.0"
+
+__all__ = ["SiteSpectrum", "SpectralReport", "analyze", "spectrum"]

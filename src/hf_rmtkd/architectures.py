@@ -148,15 +148,15 @@ def _table_sites(model: nn.Module, roles: ArchitectureRoles) -> list[Site]:
                 sites.append(Site(path, path, "output", "embedding", -1))
     for layer, block in enumerate(blocks):
         for template in roles.sites:
-            full = lambda rel: f"{block}.{rel}"  # noqa: E731
-            hooked = modules.get(full(template.hook))
-            consumers = tuple(full(c) for c in template.consumers)
+            hook = f"{block}.{template.hook}"
+            hooked = modules.get(hook)
+            consumers = tuple(f"{block}.{c}" for c in template.consumers)
             # A site whose layers were already replaced (e.g. by a low-rank module) is no longer a site.
             if not isinstance(hooked, _CUTTABLE) or not all(isinstance(modules.get(c), _CUTTABLE) for c in consumers):
                 continue
             sites.append(Site(
-                name=full(template.hook), hook=full(template.hook), capture="input", role=template.role,
-                layer=layer, consumers=consumers, producers=tuple(full(p) for p in template.producers),
+                name=hook, hook=hook, capture="input", role=template.role, layer=layer, consumers=consumers,
+                producers=tuple(f"{block}.{p}" for p in template.producers),
                 channel_dim=1 if isinstance(hooked, nn.Conv2d) else -1,
             ))
     return sites

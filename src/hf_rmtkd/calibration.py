@@ -104,7 +104,8 @@ def iterate_batches(model: nn.Module, data, batch_size: int = 32, collate_fn=Non
         if not keep:
             raise ValueError(
                 f"The calibration dataset has no column {type(model).__name__}.forward accepts "
-                f"(columns: {data.column_names}). Tokenize it first (input_ids/attention_mask) or provide pixel_values."
+                f"(columns: {data.column_names}). Tokenize it first (input_ids/attention_mask) or provide "
+                "pixel_values."
             )
         data = data.select_columns(keep).with_format("torch")
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0

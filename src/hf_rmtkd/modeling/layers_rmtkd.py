@@ -55,25 +55,29 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Replace the submodule at a dotted path (which must already exist) by ``module``.
+    """Replace the submodule at a dotted path (which must already exist) by ``module``, in the same train/eval mode.
 
     Args:
         model: the model to modify in place.
         path: dotted module path relative to ``model``.
         module: the new module.
     """
-    get_submodule(model, path)
+    old = get_submodule(model, path)
     parent_path, _, name = path.rpartition(".")
     parent = get_submodule(model, parent_path) if parent_path else model
-    setattr(parent, name, module)
+    # A fresh module is in training mode; a BatchNorm left so in an eval model would normalise with batch statistics.
+    setattr(parent, name, module.train(old.training))
 
 
-def _factory(module: nn.Module) -> dict:
-    """Device and floating dtype of a module's tensors, so replacements land where the original lived."""
+def _factory(module: nn.Module, device=None) -> dict:
+    """Device and floating dtype of a module's tensors, so replacements land where the original lived.
+
+    ``device`` overrides the device (``"meta"`` to size a replacement without allocating it).
+    """
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.is_floating_point():
-            return {"device": tensor.device, "dtype": tensor.dtype}
-    return {}
+            return {"device": device or tensor.device, "dtype": tensor.dtype}
+    return {"device": device}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,10 +195,10 @@ def _check_rank(path: str, rank, full: int, what: str) -> int:
     return rank
 
 
-def plan_low_rank(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
+def plan_low_rank(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
     """Shape-only replacement for a ``low_rank`` entry: ``{path: LowRankLinear | LowRankConv2d}``."""
     old = get_submodule(model, path)
-    kwargs = _factory(old)
+    kwargs = _factory(old, device)
     if isinstance(old, (nn.Linear, Conv1D)):
         d_in, d_out = linear_shape(old)
         rank = _check_rank(path, entry.get("rank"), d_in, "'rank'")
@@ -225,9 +229,9 @@ def producer_width(path: str, module: nn.Module) -> int:
     )
 
 
-def _with_output_width(old: nn.Module, width: int) -> nn.Module:
+def _with_output_width(old: nn.Module, width: int, device=None) -> nn.Module:
     """A module like ``old`` (a producer already checked by :func:`producer_width`) with output width ``width``."""
-    kwargs = _factory(old)
+    kwargs = _factory(old, device)
     if isinstance(old, nn.Linear):
         return nn.Linear(old.in_features, width, bias=old.bias is not None, **kwargs)
     if isinstance(old, nn.Conv2d):
@@ -262,9 +266,9 @@ def consumer_width(path: str, module: nn.Module) -> int:
     )
 
 
-def _with_input_width(old: nn.Module, width: int) -> nn.Module:
+def _with_input_width(old: nn.Module, width: int, device=None) -> nn.Module:
     """A module like ``old`` (a consumer already checked by :func:`consumer_width`) with input width ``width``."""
-    kwargs = _factory(old)
+    kwargs = _factory(old, device)
     if isinstance(old, nn.Linear):
         return nn.Linear(width, old.out_features, bias=old.bias is not None, **kwargs)
     return nn.Conv2d(
@@ -280,7 +284,7 @@ def _with_input_width(old: nn.Module, width: int) -> nn.Module:
     )
 
 
-def plan_ffn_width(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
+def plan_ffn_width(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
     """Shape-only replacements for an ``ffn_width`` entry: the consumer at ``path`` and every producer."""
     producers = entry.get("producers")
     if not producers or not isinstance(producers, (list, tuple)):
@@ -288,7 +292,7 @@ def plan_ffn_width(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Mod
     consumer = get_submodule(model, path)
     d_inner = consumer_width(path, consumer)
     width = _check_rank(path, entry.get("width"), d_inner, "'width'")
-    plan = {path: _with_input_width(consumer, width)}
+    plan = {path: _with_input_width(consumer, width, device)}
     for producer in producers:
         module = get_submodule(model, producer)
         if producer_width(producer, module) != d_inner:
@@ -296,7 +300,7 @@ def plan_ffn_width(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Mod
                 f"ffn_width entry for '{path}': producer '{producer}' outputs {producer_width(producer, module)} "
                 f"features but the consumer reads {d_inner}."
             )
-        plan[producer] = _with_output_width(module, width)
+        plan[producer] = _with_output_width(module, width, device)
     return plan
 
 
@@ -314,7 +318,7 @@ def tied_embedding_error(model: nn.Module, path: str, embedding: nn.Embedding) -
     return None
 
 
-def plan_embedding(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
+def plan_embedding(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
     """Shape-only replacement for an ``embedding`` entry: ``{path: LowRankEmbedding}``."""
     old = get_submodule(model, path)
     if not isinstance(old, nn.Embedding):
@@ -322,19 +326,30 @@ def plan_embedding(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Mod
     if (message := tied_embedding_error(model, path, old)) is not None:
         raise ValueError(message)
     rank = _check_rank(path, entry.get("rank"), old.embedding_dim, "'rank'")
-    new = LowRankEmbedding(old.num_embeddings, old.embedding_dim, rank, padding_idx=old.padding_idx, **_factory(old))
+    kwargs = _factory(old, device)
+    new = LowRankEmbedding(old.num_embeddings, old.embedding_dim, rank, padding_idx=old.padding_idx, **kwargs)
     return {path: new}
 
 
 PLANNERS = {"low_rank": plan_low_rank, "ffn_width": plan_ffn_width, "embedding": plan_embedding}
 
 
-def plan_reduction(model: nn.Module, path: str, entry: dict) -> dict[str, nn.Module]:
-    """Dispatch one map entry to its kind's shape-only planner; errors name the path and the kind."""
+def plan_reduction(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
+    """The new modules one map entry installs, ``{module path: module}``, without installing them.
+
+    Args:
+        model: the base model (only shapes, dtypes and devices are read).
+        path: the entry's module path (for ``ffn_width``, the consumer).
+        entry: the map entry.
+        device: where to create the modules; default: where the replaced ones live (``"meta"`` to only size them).
+
+    Returns:
+        ``{path: new module}`` for every module the entry replaces.
+    """
     kind = entry.get("kind") if isinstance(entry, dict) else None
     if kind not in PLANNERS:
         raise ValueError(f"Reduction map entry for '{path}' has unknown kind {kind!r}; known: {sorted(PLANNERS)}.")
-    return PLANNERS[kind](model, path, entry)
+    return PLANNERS[kind](model, path, entry, device)
 
 
 def build_reduction(model: nn.Module, path: str, entry: dict) -> nn.Module:
