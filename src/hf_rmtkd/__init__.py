@@ -3,13 +3,39 @@
 Keeps the eigen-directions of hidden-activation covariances that rise above the Marchenko–Pastur bulk, shrinks each
 layer to that many directions, and restores accuracy by self-distillation (Ettori et al., arXiv 2509.15724).
 
-Importing the package registers the RMTKD config and model classes with the transformers Auto classes.
+Importing the package registers the RMTKD config and model classes with the transformers Auto classes, so
+``AutoModelForSequenceClassification.from_pretrained("out/")`` loads a compressed checkpoint with no extra flag.
 """
 
 from . import spectrum
-from .api import analyze
+from .api import analyze, compress
+from .modeling import (
+    RMTKDConfig,
+    RMTKDForCausalLM,
+    RMTKDForImageClassification,
+    RMTKDForMaskedLM,
+    RMTKDForSequenceClassification,
+    RMTKDForTokenClassification,
+    RMTKDModel,
+    register_auto_classes,
+)
 from .report import SiteSpectrum, SpectralReport
 
 __version__ = "0.1.0"
 
-__all__ = ["SiteSpectrum", "SpectralReport", "analyze", "spectrum"]
+register_auto_classes()
+
+__all__ = [
+    "RMTKDConfig",
+    "RMTKDForCausalLM",
+    "RMTKDForImageClassification",
+    "RMTKDForMaskedLM",
+    "RMTKDForSequenceClassification",
+    "RMTKDForTokenClassification",
+    "RMTKDModel",
+    "SiteSpectrum",
+    "SpectralReport",
+    "analyze",
+    "compress",
+    "spectrum",
+]

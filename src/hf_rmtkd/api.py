@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from .calibration import SiteMeasurement, calibrate
+from .cut import apply_plan
+from .modeling.modeling_rmtkd import rmtkd_class_for
+from .plan import plan_reductions
 from .report import SiteSpectrum, SpectralReport
 
-__all__ = ["analyze", "to_report"]
+__all__ = ["analyze", "base_of", "compress", "to_report"]
+
+logger = logging.get_logger(__name__)
 
 
 def base_of(model: nn.Module) -> nn.Module:
@@ -81,3 +90,70 @@ def analyze(
     )
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     return to_report(measurements, settings, model_name=name)
+
+
+def compress(
+    model: nn.Module,
+    data,
+    *,
+    targets: list[str] | str | None = None,
+    kinds: tuple[str, ...] | list[str] = ("ffn_width", "low_rank", "embedding"),
+    min_rank: int = 8,
+    min_keep_ratio: float = 0.0,
+    ffn_method: str = "select",
+    centre: bool = True,
+    estimator: str = "mp_fit",
+    quantile: float = 0.5,
+    edge: str = "tracy_widom",
+    effective_samples: str = "tokens",
+    max_tokens: int | None = None,
+    batch_size: int = 32,
+    collate_fn=None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """One-shot RMT-KD cut, no training: calibrate → plan → cut every site to its outlier count.
+
+    Args:
+        model: a transformers model (or an RMTKD model, which is cut further).
+        data: calibration data, as for `analyze`.
+        targets: restrict to sites by role, glob or regex.
+        kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``embedding``).
+        min_rank: smallest rank / width installed.
+        min_keep_ratio: smallest kept fraction k/d.
+        ffn_method: ``"select"`` (whole neurons + least-squares refit, default) or ``"fold"``.
+        centre, estimator, quantile, edge, effective_samples, max_tokens, batch_size, collate_fn, progress:
+            as for `analyze`.
+        inplace: cut ``model`` itself; by default a copy is cut and ``model`` is left untouched.
+
+    Returns:
+        An RMTKD model (``config.model_type == "rmtkd"``) whose config holds the reduction map and the spectral
+        summary; ``model.rmtkd_report`` is the full `SpectralReport`, ``model.rmtkd_plan`` the `Plan`.
+
+    Example:
+        >>> small = hf_rmtkd.compress(model, calibration_set)  # doctest: +SKIP
+        >>> small.save_pretrained("out/")  # loads back with AutoModelForSequenceClassification  # doctest: +SKIP
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    base = base_of(model)
+    measurements = calibrate(
+        base, data, targets=targets, max_tokens=max_tokens, batch_size=batch_size, collate_fn=collate_fn,
+        progress=progress, centre=centre, estimator=estimator, quantile=quantile, edge=edge,
+        effective_samples=effective_samples,
+    )
+    plan = plan_reductions(measurements, base, kinds=kinds, min_rank=min_rank, min_keep_ratio=min_keep_ratio)
+    added = apply_plan(base, plan, measurements, ffn_method=ffn_method)
+    settings = dict(centre=centre, estimator=estimator, quantile=quantile, edge=edge,
+                    effective_samples=effective_samples, max_tokens=max_tokens, min_rank=min_rank,
+                    ffn_method=ffn_method)
+    report = to_report(measurements, settings, model_name=getattr(base.config, "_name_or_path", None))
+    if base is model:
+        result = rmtkd_class_for(base).from_base(base, added, spectral_summary=report.summary())
+    else:  # already an RMTKD model: extend its map
+        result = model
+        result.config.reductions = {**result.config.reductions, **added}
+        result.config.spectral_summary = report.summary()
+    result.rmtkd_report, result.rmtkd_plan = report, plan
+    logger.info(f"RMT-KD cut {len(plan.cuts)} sites, saving {plan.params_saved:,} parameters.")
+    return result

@@ -214,7 +214,7 @@ def plan_low_rank(model: nn.Module, path: str, entry: dict, device=None) -> dict
 
 
 def producer_width(path: str, module: nn.Module) -> int:
-    """The output dim of an FFN producer: Linear out_features, Conv2d out_channels, BatchNorm2d / LayerNorm features."""
+    """The output dim of an FFN producer: Linear out_features, Conv2d out_channels, BatchNorm2d/LayerNorm features."""
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, nn.Conv2d) and module.groups == 1:
@@ -369,6 +369,11 @@ def build_reduction(model: nn.Module, path: str, entry: dict) -> nn.Module:
 
 
 def apply_reduction_map(model: nn.Module, reductions: dict) -> None:
-    """Install every entry of a reduction map (shapes only) into ``model``, in map order."""
-    for path, entry in reductions.items():
+    """Install every entry of a reduction map (shapes only) into ``model``, ``ffn_width`` entries first.
+
+    An ``ffn_width`` entry resizes a producer (e.g. ``intermediate.dense``) that a ``low_rank`` entry may then factor,
+    and config.json stores the map with sorted keys, so the order is fixed here rather than taken from the file.
+    """
+    ordered = sorted(reductions.items(), key=lambda item: item[1].get("kind") != "ffn_width")
+    for path, entry in ordered:
         build_reduction(model, path, entry)

@@ -1,0 +1,182 @@
+"""Planning: from measured spectra to a reduction per site, decided once.
+
+Each site's kind follows from its role (embeddings → ``embedding``, FFN / bottleneck inner widths → ``ffn_width``,
+every other Linear input → ``low_rank`` of the Linears reading it). The rank is the spectrum's outlier count k,
+clamped to ``[min_rank, d]`` and to ``min_keep_ratio·d``; a cut that would not save parameters is skipped, with the
+reason kept for the report.
+
+Example:
+    >>> plan = plan_reductions(measurements, model, min_rank=8)  # doctest: +SKIP
+    >>> plan.reduction_map()  # doctest: +SKIP
+    {'bert.encoder.layer.0.output.dense': {'kind': 'ffn_width', 'width': 201, 'producers': [...]}, ...}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .calibration import SiteMeasurement
+
+__all__ = ["KIND_FOR_ROLE", "Plan", "PlannedCut", "plan_reductions"]
+
+KIND_FOR_ROLE = {
+    "embedding": "embedding",
+    "ffn_inner": "ffn_width",
+    "conv_inner": "ffn_width",
+    "attention_in": "low_rank",
+    "attention_out": "low_rank",
+    "ffn_in": "low_rank",
+    "linear": "low_rank",
+}
+KINDS = ("low_rank", "ffn_width", "embedding")
+
+
+@dataclass
+class PlannedCut:
+    """One planned reduction: which site, which kind, to what rank, and what it saves."""
+
+    site: str
+    role: str
+    kind: str
+    d: int
+    k_spectrum: int  # the outlier count before clamping
+    rank: int  # the rank / width that will be installed
+    params_before: int
+    params_after: int
+    modules: list[str]  # the modules the cut replaces or resizes
+    producers: list[str] = field(default_factory=list)
+
+    @property
+    def saved(self) -> int:
+        return self.params_before - self.params_after
+
+
+@dataclass
+class Plan:
+    """The cuts to make (in order) and the sites left alone, with the reason."""
+
+    cuts: list[PlannedCut]
+    skipped: dict[str, str]
+
+    def reduction_map(self) -> dict[str, dict]:
+        """The ``RMTKDConfig.reductions`` entries for these cuts: ``{module path: {kind, rank | width, ...}}``."""
+        entries = {}
+        for cut in self.cuts:
+            if cut.kind == "ffn_width":
+                entries[cut.modules[0]] = {"kind": "ffn_width", "width": cut.rank, "producers": list(cut.producers)}
+            else:
+                for path in cut.modules:
+                    entries[path] = {"kind": cut.kind, "rank": cut.rank}
+        return entries
+
+    @property
+    def params_saved(self) -> int:
+        return sum(c.saved for c in self.cuts)
+
+    def to_dict(self) -> dict:
+        return {"cuts": [asdict(c) for c in self.cuts], "skipped": dict(self.skipped)}
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _low_rank_params(layer: nn.Module, k: int) -> tuple[int, int]:
+    """Parameters of a Linear / Conv1D / Conv2d before, and after factoring its input through k directions."""
+    weight = layer.weight
+    if isinstance(layer, nn.Conv2d):
+        d_out, d_in, kh, kw = weight.shape
+        return _count(layer), k * d_in + d_out * k * kh * kw + d_out
+    d_out, d_in = weight.shape if isinstance(layer, nn.Linear) else weight.shape[::-1]  # Conv1D stores (in, out)
+    return _count(layer), k * d_in + k * d_out + d_out  # the second factor always carries a bias (centring term)
+
+
+def _ffn_width_params(modules: dict, producers: list[str], consumer: str, d: int, k: int) -> tuple[int, int]:
+    before = after = 0
+    for path in producers:  # every parameter of a producer (weight rows, bias, norm scale/shift) scales with width
+        before += _count(modules[path])
+        after += _count(modules[path]) * k // d
+    layer = modules[consumer]
+    bias = 0 if layer.bias is None else layer.bias.numel()
+    before += _count(layer)
+    after += (layer.weight.numel() * k // d) + bias
+    return before, after
+
+
+def _embedding_tied(model: nn.Module, path: str, modules: dict) -> bool:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return output is not None and getattr(output, "weight", None) is modules[path].weight
+
+
+def plan_reductions(
+    measurements: list[SiteMeasurement],
+    model: nn.Module,
+    *,
+    kinds: tuple[str, ...] | list[str] = KINDS,
+    min_rank: int = 8,
+    min_keep_ratio: float = 0.0,
+    max_sites: int | None = None,
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> Plan:
+    """Turn measured spectra into reductions, shallow to deep.
+
+    Args:
+        measurements: from `calibration.measure_sites` (in depth order).
+        model: the base model the site paths refer to.
+        kinds: the reduction kinds allowed.
+        min_rank: the smallest rank / width ever installed.
+        min_keep_ratio: the smallest kept fraction k/d (guards dense deep spectra against over-cutting).
+        max_sites: plan at most this many cuts (the trainer's sites per round); None plans every site.
+        exclude: site names not to cut (e.g. rolled back in an earlier round).
+
+    Returns:
+        A `Plan`; sites not cut are in ``plan.skipped`` with the reason.
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"Unknown reduction kinds {sorted(unknown)}; choose from {KINDS}.")
+    if min_rank < 1:
+        raise ValueError(f"min_rank must be at least 1, got {min_rank}")
+    modules = dict(model.named_modules())
+    cuts, skipped = [], {}
+    for m in measurements:
+        site, d = m.site, m.d
+        kind = KIND_FOR_ROLE[site.role]
+        rank = min(d, max(m.k, min_rank, math.ceil(min_keep_ratio * d)))
+        if site.name in exclude:
+            skipped[site.name] = "excluded"
+            continue
+        if kind not in kinds:
+            skipped[site.name] = f"kind {kind} not enabled"
+            continue
+        if rank >= d:
+            skipped[site.name] = f"k = {m.k} keeps every direction (d = {d})"
+            continue
+        if kind == "low_rank":
+            counts = [_low_rank_params(modules[c], rank) for c in site.consumers]
+            before, after = sum(b for b, _ in counts), sum(a for _, a in counts)
+            touched, producers = list(site.consumers), []
+        elif kind == "ffn_width":
+            if not all(type(modules[p]) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
+                       for p in site.producers):
+                skipped[site.name] = "a producer was already replaced by a reduced module"
+                continue
+            before, after = _ffn_width_params(modules, list(site.producers), site.consumers[0], d, rank)
+            touched, producers = [site.consumers[0]], list(site.producers)
+        else:
+            if _embedding_tied(model, site.name, modules):
+                skipped[site.name] = "embedding is tied to the output layer"
+                continue
+            vocab = modules[site.name].weight.shape[0]
+            before, after = vocab * d, vocab * rank + rank * d + d
+            touched, producers = [site.name], []
+        if after >= before:
+            skipped[site.name] = f"rank {rank} would not save parameters ({after} >= {before})"
+            continue
+        cuts.append(PlannedCut(site.name, site.role, kind, d, m.k, rank, before, after, touched, producers))
+        if max_sites is not None and len(cuts) >= max_sites:
+            break
+    return Plan(cuts, skipped)

@@ -1,0 +1,88 @@
+"""`hf-rmtkd analyze` end to end on a tiny random BERT with a WordPiece tokenizer and a local CSV."""
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from hf_rmtkd.cli import main
+from hf_rmtkd.report import SpectralReport
+
+WORDS = "the a movie film good bad great awful plot actor story boring fun loved hated it was is not very".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved 2-layer BERT (d=32, FFN 64) with its tokenizer, and a 200-row CSV with columns `review,sentiment`."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5 ignores `vocab_file=` here
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    rows = [f"{' '.join(rng.choices(WORDS, k=rng.randint(3, 15)))},{i % 2}" for i in range(200)]
+    (root / "reviews.csv").write_text("\n".join(["review,sentiment", *rows]) + "\n")
+    return root
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--dataset", "--text-column", "--label-column", "--split", "--fraction",
+                   "--max-length", "--batch-size", "--estimator", "--quantile", "--edge", "--no-centre", "--targets",
+                   "--out"):
+        assert option in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "analyze" in capsys.readouterr().out
+
+
+def test_analyze_end_to_end(tiny, tmp_path):
+    out = tmp_path / "analysis"
+    command = [sys.executable, "-m", "hf_rmtkd.cli", "analyze", "--model", str(tiny / "model"),
+               "--dataset", str(tiny / "reviews.csv"), "--text-column", "review", "--label-column", "sentiment",
+               "--fraction", "0.5", "--batch-size", "16", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+    report = SpectralReport.from_json(out / "rmtkd_report.json")
+    assert len(report) > 0 and report.settings["n_examples"] == 100
+    assert any(site.role == "ffn_inner" and site.d == 64 for site in report)
+    for site in report:
+        assert site.name in result.stdout  # the table
+        assert (out / "spectra" / f"{site.name}.png").is_file()
+    assert (out / "spectra" / "summary.png").is_file()
+    assert "rmtkd_report.json" in result.stdout
+
+
+def test_analyze_targets_and_options(tiny, tmp_path, capsys):
+    out = tmp_path / "ffn"
+    status = main(["analyze", "--model", str(tiny / "model"), "--dataset", str(tiny / "reviews.csv"),
+                   "--text-column", "review", "--max-examples", "40", "--fraction", "1.0", "--targets", "ffn_inner",
+                   "--estimator", "mp_quantile", "--quantile", "0.6", "--edge", "bare", "--no-centre",
+                   "--no-plots", "--no-progress", "--out", str(out)])
+    assert status == 0
+    report = SpectralReport.from_json(out / "rmtkd_report.json")
+    assert {site.role for site in report} == {"ffn_inner"} and len(report) == 2
+    assert report.settings["estimator"] == "mp_quantile" and report.settings["centre"] is False
+    assert all(not site.centred and site.outliers.edge == "bare" for site in report)
+    assert not (out / "spectra").exists()
+
+
+def test_analyze_missing_column_is_a_one_line_error(tiny, tmp_path, capsys):
+    status = main(["analyze", "--model", str(tiny / "model"), "--dataset", str(tiny / "reviews.csv"),
+                   "--out", str(tmp_path)])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "no column 'text'" in error and "'review'" in error and "--text-column" in error
