@@ -472,3 +472,17 @@ def test_config_mirrors_labels_and_rebuilds_the_base_config(saved):
         isinstance(base, transformers.BertConfig) and base.intermediate_size == 64 and base.id2label[2] == "positive"
     )
     assert isinstance(saved["bert-seqcls"]["wrapper"], RMTKDPreTrainedModel)
+
+
+@pytest.mark.parametrize(
+    "case,head,embedding",
+    [
+        ("llama-causal-tied", "model.lm_head", "model.model.embed_tokens"),
+        ("bert-mlm-tied", "model.cls.predictions.decoder", "model.bert.embeddings.word_embeddings"),
+    ],
+)
+def test_tied_weights_stay_tied_after_reload(saved, case, head, embedding):
+    item = saved[case]
+    model = getattr(transformers, item["auto_class"]).from_pretrained(item["dir"])
+    assert model.all_tied_weights_keys[f"{head}.weight"] == f"{embedding}.weight"  # 5.x: target -> source
+    assert model.get_submodule(head).weight is model.get_submodule(embedding).weight

@@ -72,6 +72,14 @@ def test_json_settings_accept_common_types(report, tmp_path):
     assert loaded.settings == {"path": str(tmp_path), "scale": 2.0}
 
 
+def test_failed_write_keeps_the_old_report(report, tmp_path):
+    path = report.to_json(tmp_path / "r.json")
+    before = path.read_text()
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        SpectralReport(report.sites, settings={"bad": object()}).to_json(path)
+    assert path.read_text() == before and list(tmp_path.iterdir()) == [path]
+
+
 def test_from_json_rejects_other_files(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "bert"}))
@@ -91,7 +99,7 @@ def test_table_has_a_row_per_site(report):
     lines = report.table().splitlines()
     assert lines[0].split() == ["site", "role", "d", "n", "sigma2", "lambda+", "k", "k/d", "retained"]
     assert len(lines) == 2 + len(report)
-    for line, site in zip(lines[2:], report):
+    for line, site in zip(lines[2:], report, strict=True):
         cells = line.split()
         assert cells[0] == site.name and cells[1] == site.role and int(cells[6]) == site.k
     assert len({len(line) for line in lines[:2]}) == 1  # fixed width

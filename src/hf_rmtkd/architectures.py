@@ -90,8 +90,9 @@ ARCHITECTURES: dict[str, ArchitectureRoles] = {
     "electra": _BERT,
     "distilbert": _transformer("attention", "q_lin", "k_lin", "v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2",
                                block=r"transformer\.layer\.\d+"),
-    "vit": _transformer("attention.attention", "query", "key", "value", "attention.output.dense",
-                        "intermediate.dense", "output.dense", embeddings=()),
+    # transformers 5.x ViT names its blocks `vit.layers.N` with `attention.{q,k,v,o}_proj` and `mlp.fc1/fc2`.
+    "vit": _transformer("attention", "q_proj", "k_proj", "v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2",
+                        block=r"layers\.\d+", embeddings=()),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,

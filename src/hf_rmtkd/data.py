@@ -96,8 +96,8 @@ def load_rotten_tomatoes(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
         seed: the split's seed.
 
     Returns:
-        ``DatasetDict(train, test)`` with columns ``text`` (string) and ``label`` (``ClassLabel(["rotten", "fresh"])``);
-        10,201 / 2,551 rows at the defaults.
+        ``DatasetDict(train, test)`` with columns ``text`` (string) and ``label``
+        (``ClassLabel(["rotten", "fresh"])``); 10,201 / 2,551 rows at the defaults.
     """
     import pandas as pd
 

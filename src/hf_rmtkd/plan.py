@@ -80,30 +80,33 @@ class Plan:
         return {"cuts": [asdict(c) for c in self.cuts], "skipped": dict(self.skipped)}
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _io(module: nn.Module) -> tuple[int, int]:
+    """(input width, output width) of a Linear / Conv1D / Conv2d / norm layer."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+        width = module.num_features if isinstance(module, nn.BatchNorm2d) else module.normalized_shape[0]
+        return width, width
+    return tuple(module.weight.shape)  # GPT-2 Conv1D stores (in, out)
 
 
-def _low_rank_params(layer: nn.Module, k: int) -> tuple[int, int]:
-    """Parameters of a Linear / Conv1D / Conv2d before, and after factoring its input through k directions."""
-    weight = layer.weight
-    if isinstance(layer, nn.Conv2d):
-        d_out, d_in, kh, kw = weight.shape
-        return _count(layer), k * d_in + d_out * k * kh * kw + d_out
-    d_out, d_in = weight.shape if isinstance(layer, nn.Linear) else weight.shape[::-1]  # Conv1D stores (in, out)
-    return _count(layer), k * d_in + k * d_out + d_out  # the second factor always carries a bias (centring term)
+def _params(module: nn.Module, d_in: int, d_out: int) -> int:
+    """Parameters of ``module`` resized to (d_in, d_out)."""
+    bias = d_out if getattr(module, "bias", None) is not None else 0
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return d_out * d_in * kh * kw // module.groups + bias
+    if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+        return d_out + bias if getattr(module, "weight", None) is not None else bias
+    return d_in * d_out + bias
 
 
-def _ffn_width_params(modules: dict, producers: list[str], consumer: str, d: int, k: int) -> tuple[int, int]:
-    before = after = 0
-    for path in producers:  # every parameter of a producer (weight rows, bias, norm scale/shift) scales with width
-        before += _count(modules[path])
-        after += _count(modules[path]) * k // d
-    layer = modules[consumer]
-    bias = 0 if layer.bias is None else layer.bias.numel()
-    before += _count(layer)
-    after += (layer.weight.numel() * k // d) + bias
-    return before, after
+def _low_rank_params(module: nn.Module, d_in: int, d_out: int, k: int) -> int:
+    """Parameters after factoring the input through k directions (the second factor carries the centring bias)."""
+    taps = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
+    return k * d_in + d_out * k * taps + d_out
 
 
 def _embedding_tied(model: nn.Module, path: str, modules: dict) -> bool:
@@ -142,7 +145,12 @@ def plan_reductions(
         raise ValueError(f"min_rank must be at least 1, got {min_rank}")
     modules = dict(model.named_modules())
     cuts, skipped = [], {}
-    for m in measurements:
+    # Widths after the cuts planned so far: an ffn_width cut narrows its producers' outputs and its consumer's input,
+    # and is applied before any low-rank cut, so later cuts of the same plan are sized on the narrowed layers.
+    shapes = {path: _io(module) for path, module in modules.items() if hasattr(module, "weight")}
+    # Within a block, plan the FFN width before the low-rank cuts (e.g. of `intermediate.dense`, its producer).
+    ordered = sorted(measurements, key=lambda m: (m.site.layer, KIND_FOR_ROLE[m.site.role] != "ffn_width"))
+    for m in ordered:
         site, d = m.site, m.d
         kind = KIND_FOR_ROLE[site.role]
         rank = min(d, max(m.k, min_rank, math.ceil(min_keep_ratio * d)))
@@ -155,17 +163,21 @@ def plan_reductions(
         if rank >= d:
             skipped[site.name] = f"k = {m.k} keeps every direction (d = {d})"
             continue
+        new_shapes = {}
         if kind == "low_rank":
-            counts = [_low_rank_params(modules[c], rank) for c in site.consumers]
-            before, after = sum(b for b, _ in counts), sum(a for _, a in counts)
             touched, producers = list(site.consumers), []
+            before = sum(_params(modules[c], *shapes[c]) for c in touched)
+            after = sum(_low_rank_params(modules[c], *shapes[c], rank) for c in touched)
         elif kind == "ffn_width":
             if not all(type(modules[p]) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
                        for p in site.producers):
                 skipped[site.name] = "a producer was already replaced by a reduced module"
                 continue
-            before, after = _ffn_width_params(modules, list(site.producers), site.consumers[0], d, rank)
             touched, producers = [site.consumers[0]], list(site.producers)
+            new_shapes = {p: (shapes[p][0], rank) for p in producers}
+            new_shapes[touched[0]] = (rank, shapes[touched[0]][1])
+            before = sum(_params(modules[p], *shapes[p]) for p in new_shapes)
+            after = sum(_params(modules[p], *io) for p, io in new_shapes.items())
         else:
             if _embedding_tied(model, site.name, modules):
                 skipped[site.name] = "embedding is tied to the output layer"
@@ -177,6 +189,7 @@ def plan_reductions(
             skipped[site.name] = f"rank {rank} would not save parameters ({after} >= {before})"
             continue
         cuts.append(PlannedCut(site.name, site.role, kind, d, m.k, rank, before, after, touched, producers))
+        shapes.update(new_shapes)
         if max_sites is not None and len(cuts) >= max_sites:
             break
     return Plan(cuts, skipped)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, NullLocator
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullLocator
 
 from .spectrum import mp_density
 
@@ -77,6 +77,8 @@ def plot_site(site: SiteSpectrum, path: str | os.PathLike) -> Path:
         bulk_ax.text(0.98, 0.55, f"{beyond} eigenvalue(s) beyond the axis\nlargest λ = {float(lam[0]):.3g}",
                      transform=bulk_ax.transAxes, ha="right", va="top", fontsize=8)
     bulk_ax.set_xlim(0, x_max)
+    for axis in (bulk_ax.xaxis, bulk_ax.yaxis):
+        axis.set_major_locator(MaxNLocator(5))  # few ticks: creating tick artists is most of the drawing time
     bulk_ax.set_xlabel("eigenvalue λ")
     bulk_ax.set_ylabel("density")
     bulk_ax.legend(fontsize=7, loc="upper right")
@@ -86,8 +88,9 @@ def plot_site(site: SiteSpectrum, path: str | os.PathLike) -> Path:
     ranks = torch.arange(1, site.d + 1)
     positive = lam > float(lam.max()) * 1e-10 * site.d
     kept = positive & (ranks <= site.k)
-    rank_ax.scatter(ranks[positive & ~kept].numpy(), lam[positive & ~kept].numpy(), s=4, color="0.55", label="bulk")
-    rank_ax.scatter(ranks[kept].numpy(), lam[kept].numpy(), s=6, color="tab:red", label=f"kept (k={site.k})")
+    rank_ax.plot(ranks[positive & ~kept].numpy(), lam[positive & ~kept].numpy(), ".", ms=3, color="0.55",
+                 label="bulk")
+    rank_ax.plot(ranks[kept].numpy(), lam[kept].numpy(), ".", ms=4, color="tab:red", label=f"kept (k={site.k})")
     rank_ax.axhline(o.lambda_plus, color="tab:orange", ls="--", lw=1.2)
     rank_ax.axhline(o.threshold, color="tab:red", lw=1.0)
     if bool(positive.any()):
@@ -134,7 +137,7 @@ def plot_summary(report: SpectralReport, path: str | os.PathLike) -> Path:
     fig = Figure(figsize=(10, 3.8), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    for column, (ax, label) in enumerate(zip(axes, ("k / d", "retained variance"))):
+    for column, (ax, label) in enumerate(zip(axes, ("k / d", "retained variance"), strict=True)):
         for index, (role, layers) in enumerate(by_role.items()):
             colour = f"C{index % 10}"
             xs = sorted(layers)
@@ -142,7 +145,7 @@ def plot_summary(report: SpectralReport, path: str | os.PathLike) -> Path:
             ax.plot(xs, means, marker="o", ms=4, color=colour, label=role)
             dots = [(x, v[column]) for x in xs for v in layers[x] if len(layers[x]) > 1]
             if dots:
-                ax.scatter(*zip(*dots), s=10, color=colour, alpha=0.5)
+                ax.scatter(*zip(*dots, strict=True), s=10, color=colour, alpha=0.5)
         ax.set_xlabel("layer (−1 = embeddings)")
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.05)

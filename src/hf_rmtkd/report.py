@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,14 +213,15 @@ class SpectralReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Same folder, so os.replace is a rename on one file system: readers never see a half-written report.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # (A plain exclusive open rather than mkstemp, whose 0600 mode would make the report private.)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open(tmp, "x", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, indent=1, default=_jsonable)
                 f.write("\n")
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return path
 
@@ -262,7 +263,8 @@ class SpectralReport:
 
         def line(cells: Sequence[str]) -> str:
             # Text columns left-aligned, numbers right-aligned.
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            aligned = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+            return "  ".join(aligned)
 
         return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
 

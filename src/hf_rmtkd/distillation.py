@@ -1,0 +1,165 @@
+"""The self-distillation loss of RMT-KD, and the frozen teacher it distils from.
+
+After each cut the reduced model (the student) learns from the labels and from the model as it was just before the
+cut (the teacher):
+
+    L = α·CE(y, student) + (1 − α)·T²·KL(p_teacher^T ‖ p_student^T),    p^T = softmax(logits / T)
+
+with α = 0.7 and T = 1 by default (paper §1.7; the T² factor is the classic distillation convention, which keeps the
+gradient scale of the KL term independent of T, and equals 1 at the default T).
+
+Both terms are sums over the real items of a batch (examples, or tokens that carry a label) divided by one count:
+``num_items_in_batch`` when the trainer gives it, which is the item count of the whole accumulated batch, so the
+gradients of the micro-batches add up to exactly the gradient of the whole batch; otherwise the item count of this
+batch. This is how transformers normalises its own token-level losses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["distillation_loss", "teacher_copy"]
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    # log_softmax and sums over a vocabulary lose too much precision in bf16/fp16; float64 stays float64.
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    alpha: float = 0.7,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The RMT-KD loss ``α·CE(y, student) + (1 − α)·T²·KL(p_teacher^T ‖ p_student^T)`` over the real items of a batch.
+
+    Shapes (C classes, V vocabulary):
+
+    - sequence / image classification: logits (B, C), labels (B,);
+    - token classification: logits (B, T, C), labels (B, T);
+    - causal LM: logits (B, T, V), labels (B, T) with ``shift_labels=True``: position t predicts token t + 1, so the
+      last logit and the first label are dropped;
+    - regression (C = 1, as transformers decides ``problem_type``): logits (B, 1), float labels (B,) or (B, 1).
+      The task term is the squared error to the labels and the teacher term the squared error to the teacher's
+      output; the temperature does not apply (there is no softmax) and neither does T².
+
+    Items whose label is ``ignore_index`` (or whose ``attention_mask`` is 0) are left out of both terms. The CE uses
+    the raw logits (T = 1); only the KL term is softened by T. Both are computed in float32 at least, whatever the
+    dtype of the logits. The teacher logits are detached, so gradients reach the student only.
+
+    Args:
+        student_logits: logits of the reduced model, (B, C) or (B, T, C).
+        teacher_logits: logits of the frozen pre-cut model, same shape.
+        labels: (B,) or (B, T) targets, or None for unlabelled distillation: the loss is then ``T²·KL`` alone.
+        alpha: weight of the task term, in [0, 1]; the teacher term weighs ``1 − alpha``.
+        temperature: softmax temperature T of the KL term, > 0.
+        num_items_in_batch: real items in the whole accumulated batch (what `Trainer` passes to ``compute_loss``).
+            When given, both sums are divided by it and the loss is already scaled for gradient accumulation; the
+            caller still multiplies by the number of processes when ``average_tokens_across_devices`` summed it over
+            processes (as `Trainer.compute_loss` does). When None, both sums are divided by this batch's item count.
+        ignore_index: label value of positions to leave out.
+        shift_labels: causal LM: compare logits at position t with the label at t + 1 (a flag, unlike the tensor
+            argument of the same name in transformers' loss functions).
+        attention_mask: optional (B, T) mask of real tokens, for token-level distillation without labels (padding
+            would otherwise count); shifted like the labels.
+
+    Returns:
+        ``(loss, ce, kl)``: the scalar loss to back-propagate, and the detached task term (None without labels) and
+        teacher term (KL, or the squared error for regression), each normalised like the loss but unweighted.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
+            "shape; the cut must keep the model's output layer."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+
+    student = _at_least_float32(student_logits)
+    teacher = _at_least_float32(teacher_logits.detach()).to(student.dtype)
+    if shift_labels:
+        if student.dim() != 3:
+            raise ValueError(f"shift_labels=True needs (B, T, V) logits, got {tuple(student.shape)}.")
+        # Position t predicts token t + 1: drop the last prediction and the first target.
+        student, teacher = student[:, :-1], teacher[:, :-1]
+        labels = labels[:, 1:] if labels is not None else None
+        attention_mask = attention_mask[:, 1:] if attention_mask is not None else None
+
+    num_classes = student.shape[-1]
+    regression = num_classes == 1
+    item_shape = student.shape[:-1]
+    if labels is not None and regression and labels.shape != item_shape:
+        labels = labels.reshape(item_shape)  # (B, 1) float labels of a regression head
+    if labels is not None and labels.shape != item_shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match the logits {tuple(student.shape)}: expected "
+            f"{tuple(item_shape)}. "
+            "Multi-label and soft-label targets are not supported; causal LMs need shift_labels=True."
+        )
+
+    # One row per item: (N, C) logits, (N,) labels and the mask of real items.
+    student = student.reshape(-1, num_classes)
+    teacher = teacher.reshape(-1, num_classes)
+    real = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
+    if labels is not None:
+        labels = labels.reshape(-1)
+        real &= labels != ignore_index
+    if attention_mask is not None:
+        real &= attention_mask.reshape(-1).bool()
+    student, teacher = student[real], teacher[real]
+
+    if num_items_in_batch is None:
+        # clamp: a batch with no real item gives a zero loss that still carries a (zero) gradient.
+        denominator = real.sum().clamp(min=1).to(student.dtype)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=student.device).to(student.dtype)
+
+    if regression:
+        teacher_term = (student - teacher).pow(2).sum() / denominator
+        scaled_teacher_term = teacher_term
+    else:
+        log_p_student = F.log_softmax(student / temperature, dim=-1)
+        log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+        # kl_div(input, target, log_target=True) is KL(target ‖ input): here KL(p_teacher ‖ p_student), per item.
+        kl_per_item = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
+        teacher_term = kl_per_item.sum() / denominator
+        scaled_teacher_term = temperature**2 * teacher_term
+
+    if labels is None:
+        return scaled_teacher_term, None, teacher_term.detach()
+
+    targets = labels[real]
+    if regression:
+        task_term = (student.squeeze(-1) - targets.to(student.dtype)).pow(2).sum() / denominator
+    else:
+        task_term = F.cross_entropy(student, targets.long(), reduction="sum") / denominator
+    loss = alpha * task_term + (1.0 - alpha) * scaled_teacher_term
+    return loss, task_term.detach(), teacher_term.detach()
+
+
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """A frozen snapshot of ``model`` to distil from: a deep copy in eval mode with no parameter requiring grad.
+
+    Args:
+        model: the model just before a cut (the bare module, not a DDP wrapper).
+
+    Returns:
+        The copy; it shares nothing with ``model``, so later surgery and optimizer steps leave it unchanged.
+    """
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher

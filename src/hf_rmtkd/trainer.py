@@ -1,0 +1,419 @@
+"""`RMTKDTrainer`: the paper's loop as a `transformers.Trainer`.
+
+One round:  calibrate → plan → snapshot the teacher → cut → distil → evaluate → accept or roll back.
+
+Each round's distillation is a fresh ``Trainer.train()`` call on the cut model: the parameter set changed, so the
+optimizer, the scheduler and the DDP wrapper are rebuilt from scratch (transformers' own loop re-prepares
+everything), and the loss is ``α·CE + (1−α)·T²·KL(p_teacher ‖ p_student)`` against the frozen pre-cut model. After
+every accepted round the model is saved (atomically) as an RMTKD checkpoint with the trainer's state, so a killed run
+resumes at the right round with ``train(resume_from_checkpoint=True)``.
+
+Example:
+    >>> args = RMTKDTrainingArguments(output_dir="out", target_params=0.5, max_metric_drop=0.01)  # doctest: +SKIP
+    >>> trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+    ...                        compute_metrics=compute_accuracy)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    >>> trainer.save_model("out/final")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import broadcast_object_list
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import TrainOutput
+from transformers.utils import logging
+
+from .api import base_of, to_report
+from .calibration import collect_statistics, measure_sites
+from .architectures import find_sites
+from .cut import apply_plan
+from .distillation import distillation_loss, teacher_copy
+from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
+from .plan import plan_reductions
+from .training_args import RMTKDTrainingArguments
+
+__all__ = ["RMTKDTrainer"]
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "rmtkd_state.json"
+LOG_FILE = "rmtkd_log.json"
+ROUND_PREFIX = "rmtkd-round-"
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+class RMTKDTrainer(Trainer):
+    """A `Trainer` that compresses its model by RMT-KD rounds with self-distillation.
+
+    Args:
+        model: a trained transformers model (or a ``PeftModel``, merged before the first cut, or an RMTKD model to
+            compress further).
+        args: `RMTKDTrainingArguments`.
+        calibration_dataset: the data to measure spectra on; default: ``args.calibration_fraction`` of
+            ``train_dataset`` (a fixed, seeded subset reused every round, re-measured on the current model).
+        All other arguments are those of `transformers.Trainer`. ``eval_dataset`` is required: rounds are accepted
+        or rolled back on its metric.
+    """
+
+    _tag_names = ["hf_rmtkd", "rmt-kd"]
+    # compute_loss divides token sums by `num_items_in_batch`, the count over the whole accumulated batch.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args: RMTKDTrainingArguments = None, *trainer_args, calibration_dataset=None,
+                 **trainer_kwargs):
+        if args is None or not isinstance(args, RMTKDTrainingArguments):
+            raise TypeError("RMTKDTrainer needs args=RMTKDTrainingArguments(...).")
+        model = self._merge_peft(model)
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.eval_dataset is None:
+            raise ValueError("RMTKDTrainer needs an eval_dataset: each round is accepted or rolled back on its metric.")
+        self.calibration_dataset = calibration_dataset
+        # Always count the real label tokens of each accumulated batch, whatever the model's forward accepts.
+        self.model_accepts_loss_kwargs = True
+        self.teacher: nn.Module | None = None
+        self.rmtkd_log: list[dict] = []
+        self.rmtkd_report = None
+        self._loss_parts = {"ce": 0.0, "kl": 0.0, "n": 0}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _merge_peft(model):
+        if model is not None and hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+            logger.info("Merging the PEFT adapters into the base model before RMT-KD analyses it.")
+            return model.merge_and_unload()
+        return model
+
+    @property
+    def _is_causal_lm(self) -> bool:
+        model = self.accelerator.unwrap_model(self.model)
+        return isinstance(model, RMTKDForCausalLM) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``α·CE + (1−α)·T²·KL(teacher ‖ student)`` while distilling; the task loss alone otherwise (and in eval)."""
+        labels = inputs.get("labels")
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**features)
+        distilling = self.teacher is not None and model.training
+        teacher_logits = None
+        if distilling:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**features).logits
+        loss, ce, kl = distillation_loss(
+            outputs.logits, teacher_logits, labels,
+            alpha=self.args.distillation_alpha if distilling else 1.0,
+            temperature=self.args.distillation_temperature,
+            num_items_in_batch=num_items_in_batch,
+            shift_labels=self._is_causal_lm,
+        )
+        if model.training:
+            self._loss_parts["ce"] += float(ce)
+            self._loss_parts["kl"] += float(kl)
+            self._loss_parts["n"] += 1
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # `num_items_in_batch` was summed over processes and DDP averages gradients: undo the average.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean CE and KL parts of the distillation loss to every training log."""
+        if self._loss_parts["n"] and "loss" in logs:
+            n = self._loss_parts["n"]
+            logs = {**logs, "ce": round(self._loss_parts["ce"] / n, 4), "kl": round(self._loss_parts["kl"] / n, 4)}
+            self._loss_parts = {"ce": 0.0, "kl": 0.0, "n": 0}
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Rounds
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @property
+    def metric_name(self) -> str:
+        """The eval metric rounds are judged on (``rmtkd_metric``, else ``metric_for_best_model``, else accuracy when
+        ``compute_metrics`` is set, else the loss)."""
+        name = self.args.rmtkd_metric or self.args.metric_for_best_model
+        name = name or ("accuracy" if self.compute_metrics is not None else "loss")
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    @property
+    def greater_is_better(self) -> bool:
+        if self.args.greater_is_better is not None and self.args.rmtkd_metric is None:
+            return self.args.greater_is_better
+        return not self.metric_name.endswith("loss")
+
+    def _metric(self) -> float:
+        metrics = self.evaluate()
+        if self.metric_name not in metrics:
+            raise KeyError(f"The eval metrics have no '{self.metric_name}' (got {sorted(metrics)}); set rmtkd_metric.")
+        return float(metrics[self.metric_name])
+
+    def _drop(self, baseline: float, value: float) -> float:
+        return baseline - value if self.greater_is_better else value - baseline
+
+    def _calibration_loader(self):
+        dataset = self.calibration_dataset
+        if dataset is None:
+            data = self.train_dataset
+            n = len(data)
+            size = max(1, int(round(self.args.calibration_fraction * n)))
+            if self.args.calibration_max_examples is not None:
+                size = min(size, self.args.calibration_max_examples)
+            dataset = data.shuffle(seed=self.args.seed).select(range(size)) if hasattr(data, "shuffle") else data
+            self.calibration_dataset = dataset
+        if hasattr(dataset, "column_names"):
+            dataset = self._remove_unused_columns(dataset, description="calibration")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
+                                             collate_fn=self.data_collator, shuffle=False)
+        # Each process reads its own shard; `collect_statistics` sums the statistics across processes.
+        return self.accelerator.prepare_data_loader(loader) if self.accelerator.num_processes > 1 else loader
+
+    def _measure(self):
+        base = base_of(self.model)
+        sites = find_sites(base, self.args.rmtkd_targets)
+        statistics = collect_statistics(
+            base, self._calibration_loader(), sites, max_tokens=self.args.calibration_max_tokens,
+            accelerator=self.accelerator, progress=not self.args.disable_tqdm,
+        )
+        return measure_sites(
+            statistics, sites, centre=self.args.calibration_centre, estimator=self.args.spectrum_estimator,
+            quantile=self.args.spectrum_quantile, edge=self.args.spectrum_edge,
+            effective_samples=self.args.effective_samples,
+        )
+
+    def _spectrum_settings(self) -> dict:
+        a = self.args
+        return dict(centre=a.calibration_centre, estimator=a.spectrum_estimator, quantile=a.spectrum_quantile,
+                    edge=a.spectrum_edge, effective_samples=a.effective_samples, min_rank=a.min_rank,
+                    ffn_method=a.ffn_width_method)
+
+    def _plan(self, measurements, excluded: set[str]):
+        plan = None
+        if self.accelerator.is_main_process:
+            plan = plan_reductions(
+                measurements, base_of(self.model), kinds=self.args.reduction_kinds, min_rank=self.args.min_rank,
+                max_sites=self.args.sites_per_round, exclude=excluded,
+            )
+        # Sync point: the plan is decided once, on the main process, and every process installs the same one
+        # (an eigenvalue sitting at the edge could otherwise flip a rank between processes).
+        if self.accelerator.num_processes > 1:
+            plan = broadcast_object_list([plan], from_process=0)[0]
+        return plan
+
+    def _cut(self, plan, measurements) -> None:
+        base = base_of(self.model)
+        added = apply_plan(base, plan, measurements, ffn_method=self.args.ffn_width_method)
+        summary = to_report(measurements, self._spectrum_settings()).summary()
+        if base is self.model:
+            self.model = rmtkd_class_for(base).from_base(base, added, spectral_summary=summary)
+        else:
+            self.model.config.reductions = {**self.model.config.reductions, **added}
+            self.model.config.spectral_summary = {**(self.model.config.spectral_summary or {}), **summary}
+        self.model_wrapped = self.model
+
+    def _restore(self, snapshot: nn.Module) -> None:
+        """Roll back to the pre-cut model (the teacher snapshot), trainable again."""
+        snapshot.requires_grad_(True)
+        self.model = self.model_wrapped = snapshot
+
+    def _distil(self) -> None:
+        """One round of distillation: a fresh `Trainer.train()` with a new optimizer and scheduler.
+
+        With ``lora_recovery`` the cut model is frozen and LoRA adapters on its Linear layers are trained instead
+        (parameter-efficient recovery for large models), then merged back, so the round ends with a plain model.
+        """
+        args = self.args
+        saved = (args.max_steps, args.num_train_epochs, args.save_strategy)
+        if args.distillation_steps_per_round is not None:
+            args.max_steps = args.distillation_steps_per_round
+        else:
+            args.max_steps, args.num_train_epochs = -1, args.distillation_epochs_per_round
+        # Checkpoints inside a round would hold a model mid-distillation; rounds are saved whole instead.
+        args.save_strategy = "no"
+        if args.lora_recovery:
+            self.model = self.model_wrapped = self._with_lora(self.model)
+        self.optimizer, self.lr_scheduler = None, None
+        try:
+            super().train()
+        finally:
+            args.max_steps, args.num_train_epochs, args.save_strategy = saved
+            self.optimizer, self.lr_scheduler = None, None
+            if args.lora_recovery:
+                self.model = self.model_wrapped = self.model.merge_and_unload()
+
+    def _with_lora(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        names = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)})
+        config = LoraConfig(r=self.args.lora_r, lora_alpha=self.args.lora_alpha,
+                            lora_dropout=self.args.lora_dropout, target_modules=names)
+        return get_peft_model(model, config)
+
+    def _warm_up(self, metric: float) -> float:
+        """Train on the task until the eval metric reaches ``warmup_metric_threshold`` (the paper's τ_val)."""
+        threshold = self.args.warmup_metric_threshold
+        epochs = 0.0
+        while self._drop(threshold, metric) > 0 and epochs < self.args.warmup_max_epochs:
+            step = min(1.0, self.args.warmup_max_epochs - epochs)
+            saved = (self.args.max_steps, self.args.num_train_epochs)
+            self.args.max_steps, self.args.num_train_epochs = -1, step
+            self.optimizer, self.lr_scheduler = None, None
+            try:
+                super().train()
+            finally:
+                self.args.max_steps, self.args.num_train_epochs = saved
+            epochs += step
+            metric = self._metric()
+            logger.info(f"Warm-up: {epochs:g} epochs, {self.metric_name} = {metric:.4f} (threshold {threshold}).")
+        return metric
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs) -> TrainOutput:
+        """Run RMT-KD rounds until a stopping rule fires; the compressed model ends up in ``self.model``.
+
+        Stopping rules: the parameter target is met; no site shrinks any more; a site's k/d falls below
+        ``min_keep_ratio``; ``max_rounds`` is reached. A round whose eval metric falls by more than
+        ``max_metric_drop`` (from the metric before the first cut) is rolled back and its sites are not cut again.
+
+        Args:
+            resume_from_checkpoint: an ``rmtkd-round-N`` directory written by a previous run, or True for the latest
+                one in ``output_dir``.
+        """
+        args = self.args
+        start = time.time()
+        state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else None
+        if state is None:
+            original = self.model.num_parameters()
+            baseline = self._metric()
+            if args.warmup_metric_threshold is not None:
+                baseline = self._warm_up(baseline)
+            state = {"round": 0, "original_params": original, "baseline": baseline, "excluded": [], "log": []}
+        self.rmtkd_log = state["log"]
+        target = args.param_target(state["original_params"])
+        stop_reason = "max_rounds reached"
+        while args.max_rounds is None or state["round"] < args.max_rounds:
+            params = self.model.num_parameters()
+            if target is not None and params <= target:
+                stop_reason = f"parameter target met ({params:,} <= {target:,})"
+                break
+            measurements = self._measure()
+            self.rmtkd_report = to_report(measurements, self._spectrum_settings())
+            plan = self._plan(measurements, set(state["excluded"]))
+            if not plan.cuts:
+                stop_reason = "no site shrinks any more"
+                break
+            thin = [c for c in plan.cuts if c.k_spectrum / c.d < args.min_keep_ratio]
+            if thin:
+                stop_reason = f"k/d of {thin[0].site} is {thin[0].k_spectrum / thin[0].d:.3f} < min_keep_ratio"
+                break
+            state["round"] += 1
+            self.teacher = teacher_copy(self.model)
+            self._cut(plan, measurements)
+            after_cut = self._metric()
+            self._distil()
+            metric = self._metric()
+            drop = self._drop(state["baseline"], metric)
+            accepted = drop <= args.max_metric_drop and math.isfinite(metric)
+            entry = {
+                "round": state["round"],
+                "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
+                          for c in plan.cuts},
+                "params_before": params,
+                "params_after_cut": self.model.num_parameters(),
+                f"{self.metric_name}_after_cut": after_cut,
+                self.metric_name: metric,
+                "metric_drop": drop,
+                "accepted": accepted,
+            }
+            if not accepted:
+                self._restore(self.teacher)
+                state["excluded"] += [c.site for c in plan.cuts]
+                logger.warning(f"Round {state['round']} rolled back: {self.metric_name} fell by {drop:.4f} "
+                               f"> max_metric_drop {args.max_metric_drop}.")
+            self.teacher = None
+            entry["params"] = self.model.num_parameters()
+            self.rmtkd_log.append(entry)
+            self.log({"rmtkd_round": state["round"], "rmtkd_params": entry["params"],
+                      "rmtkd_accepted": float(accepted), self.metric_name: metric,
+                      **{f"rmtkd_k/{s}": v["k"] for s, v in entry["sites"].items()}})
+            self._save_round(state)
+        final = self.model.num_parameters()
+        logger.info(f"RMT-KD stopped: {stop_reason}. Parameters {state['original_params']:,} -> {final:,}.")
+        self.rmtkd_stop_reason = stop_reason
+        metrics = {"rmtkd_rounds": state["round"], "rmtkd_params": final,
+                   "rmtkd_param_ratio": final / state["original_params"], "train_runtime": time.time() - start}
+        return TrainOutput(self.state.global_step, 0.0, metrics)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving and resuming
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _save_round(self, state: dict) -> None:
+        """Save the model and the trainer's state after a round, atomically, as ``output_dir/rmtkd-round-N``."""
+        output = Path(self.args.output_dir)
+        _write_json_atomic(output / LOG_FILE, self.rmtkd_log)
+        if not self.args.should_save:
+            return
+        final = output / f"{ROUND_PREFIX}{state['round']}"
+        self.save_model(str(final), _internal_call=True)
+        _write_json_atomic(final / STATE_FILE, state)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the (compressed) model as an RMTKD checkpoint, written to a temporary directory and renamed."""
+        output = Path(output_dir or self.args.output_dir)
+        if not self.args.should_save:
+            return
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+        try:
+            super().save_model(str(tmp), _internal_call=True)
+            if self.rmtkd_log:
+                _write_json_atomic(tmp / LOG_FILE, self.rmtkd_log)
+            if output.exists():
+                old = output.with_name(f".{output.name}.old-{os.getpid()}")
+                os.replace(output, old)
+                os.replace(tmp, output)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, output)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _latest_round(self) -> Path | None:
+        rounds = [p for p in Path(self.args.output_dir).glob(f"{ROUND_PREFIX}*") if (p / STATE_FILE).exists()]
+        return max(rounds, key=lambda p: int(p.name[len(ROUND_PREFIX):]), default=None)
+
+    def _resume(self, checkpoint: str | bool) -> dict | None:
+        """Rebuild the reduced architecture from a round checkpoint's config, load its weights, return its state."""
+        path = self._latest_round() if checkpoint is True else Path(checkpoint)
+        if path is None:
+            logger.warning(f"No {ROUND_PREFIX}N checkpoint in {self.args.output_dir}: starting from round 0.")
+            return None
+        if not (path / STATE_FILE).exists():
+            raise FileNotFoundError(f"{path} is not an RMT-KD round checkpoint (no {STATE_FILE}).")
+        state = json.loads((path / STATE_FILE).read_text())
+        base = base_of(self.model)
+        cls = rmtkd_class_for(base) if isinstance(base, PreTrainedModel) else type(self.model)
+        model = cls.from_pretrained(str(path))
+        self.model = self.model_wrapped = model.to(self.args.device)
+        logger.info(f"Resumed RMT-KD at round {state['round']} from {path}.")
+        return state

@@ -1,0 +1,194 @@
+"""distillation_loss against hand-written formulas, masking, gradient-accumulation scaling and dtypes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_rmtkd.distillation import distillation_loss, teacher_copy
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)
+
+
+def logits(*shape, generator):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64) * 2
+
+
+def kl_by_hand(student, teacher, temperature=1.0):
+    """Mean over rows of Σ_c p_t (log p_t − log p_s), the softmaxes at temperature T."""
+    p_t = torch.softmax(teacher / temperature, -1)
+    return (p_t * (p_t.log() - torch.log_softmax(student / temperature, -1))).sum(-1).mean()
+
+
+def test_alpha_one_is_cross_entropy(generator):
+    student, teacher = logits(8, 5, generator=generator), logits(8, 5, generator=generator)
+    labels = torch.randint(0, 5, (8,), generator=generator)
+    loss, ce, _ = distillation_loss(student, teacher, labels, alpha=1.0, temperature=2.0)
+    torch.testing.assert_close(loss, F.cross_entropy(student, labels))
+    torch.testing.assert_close(ce, F.cross_entropy(student, labels))
+
+
+def test_alpha_zero_is_kl_by_hand(generator):
+    student, teacher = logits(8, 5, generator=generator), logits(8, 5, generator=generator)
+    labels = torch.randint(0, 5, (8,), generator=generator)
+    loss, _, kl = distillation_loss(student, teacher, labels, alpha=0.0, temperature=1.0)
+    torch.testing.assert_close(loss, kl_by_hand(student, teacher))
+    torch.testing.assert_close(kl, kl_by_hand(student, teacher))
+
+
+def test_default_mix(generator):
+    student, teacher = logits(6, 3, generator=generator), logits(6, 3, generator=generator)
+    labels = torch.randint(0, 3, (6,), generator=generator)
+    loss, ce, kl = distillation_loss(student, teacher, labels)
+    torch.testing.assert_close(loss, 0.7 * F.cross_entropy(student, labels) + 0.3 * kl_by_hand(student, teacher))
+    torch.testing.assert_close(loss, 0.7 * ce + 0.3 * kl)
+
+
+def test_kl_is_zero_when_student_equals_teacher(generator):
+    student = logits(4, 7, 11, generator=generator)
+    _, _, kl = distillation_loss(student, student.clone(), None, temperature=1.3)
+    assert kl.abs().item() < 1e-12
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_softens_and_scales_by_t_squared(generator, temperature):
+    student, teacher = logits(8, 5, generator=generator), logits(8, 5, generator=generator)
+    labels = torch.randint(0, 5, (8,), generator=generator)
+    loss, ce, kl = distillation_loss(student, teacher, labels, alpha=0.25, temperature=temperature)
+    torch.testing.assert_close(kl, kl_by_hand(student, teacher, temperature))
+    torch.testing.assert_close(ce, F.cross_entropy(student, labels))  # the task term stays at T = 1
+    torch.testing.assert_close(loss, 0.25 * ce + 0.75 * temperature**2 * kl)
+
+
+def test_without_labels_the_loss_is_the_kl_term(generator):
+    student, teacher = logits(8, 5, generator=generator), logits(8, 5, generator=generator)
+    loss, ce, kl = distillation_loss(student, teacher, None, alpha=0.7, temperature=2.0)
+    assert ce is None
+    torch.testing.assert_close(loss, 4.0 * kl_by_hand(student, teacher, 2.0))
+
+
+def test_token_classification_masks_ignored_positions_from_both_terms(generator):
+    student, teacher = logits(3, 6, 4, generator=generator), logits(3, 6, 4, generator=generator)
+    labels = torch.randint(0, 4, (3, 6), generator=generator)
+    labels[0, 4:] = -100
+    labels[2, :2] = -100
+    real = labels != -100
+    loss, ce, kl = distillation_loss(student, teacher, labels)
+    torch.testing.assert_close(ce, F.cross_entropy(student[real], labels[real]))
+    torch.testing.assert_close(kl, kl_by_hand(student[real], teacher[real]))
+
+    # Whatever the logits at ignored positions, the loss does not move.
+    noisy_student, noisy_teacher = student.clone(), teacher.clone()
+    noisy_student[~real] = 50 * logits(int((~real).sum()), 4, generator=generator)
+    noisy_teacher[~real] = -50 * logits(int((~real).sum()), 4, generator=generator)
+    torch.testing.assert_close(distillation_loss(noisy_student, noisy_teacher, labels)[0], loss)
+
+
+def test_attention_mask_masks_unlabelled_padding(generator):
+    student, teacher = logits(2, 5, 4, generator=generator), logits(2, 5, 4, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    _, _, kl = distillation_loss(student, teacher, None, attention_mask=mask)
+    torch.testing.assert_close(kl, kl_by_hand(student[mask.bool()], teacher[mask.bool()]))
+
+
+def test_causal_shift_predicts_the_next_token(generator):
+    student, teacher = logits(2, 7, 10, generator=generator), logits(2, 7, 10, generator=generator)
+    labels = torch.randint(0, 10, (2, 7), generator=generator)
+    labels[1, 5:] = -100  # padding at the end of the second sequence
+    loss, ce, kl = distillation_loss(student, teacher, labels, shift_labels=True)
+
+    shifted_student, shifted_teacher, targets = student[:, :-1], teacher[:, :-1], labels[:, 1:]
+    real = targets != -100
+    torch.testing.assert_close(ce, F.cross_entropy(shifted_student.reshape(-1, 10), targets.reshape(-1)))
+    torch.testing.assert_close(kl, kl_by_hand(shifted_student[real], shifted_teacher[real]))
+    # The same as feeding pre-shifted tensors without the flag.
+    torch.testing.assert_close(distillation_loss(shifted_student, shifted_teacher, targets)[0], loss)
+
+
+def test_micro_batches_sum_to_the_whole_batch(generator):
+    student, teacher = logits(4, 6, 9, generator=generator), logits(4, 6, 9, generator=generator)
+    labels = torch.randint(0, 9, (4, 6), generator=generator)
+    labels[0, 3:] = -100
+    labels[3, 1:] = -100  # the micro-batches hold different numbers of real tokens
+    num_items = (labels[:, 1:] != -100).sum()
+    kwargs = {"shift_labels": True, "num_items_in_batch": num_items}
+
+    whole = distillation_loss(student, teacher, labels, **kwargs)[0]
+    first = distillation_loss(student[:1], teacher[:1], labels[:1], **kwargs)[0]
+    rest = distillation_loss(student[1:], teacher[1:], labels[1:], **kwargs)[0]
+    torch.testing.assert_close(first + rest, whole)
+    # Without num_items_in_batch each batch is a mean over its own items, which is the same for the whole batch.
+    torch.testing.assert_close(distillation_loss(student, teacher, labels, shift_labels=True)[0], whole)
+
+
+def test_regression_uses_squared_errors(generator):
+    student, teacher = logits(8, 1, generator=generator), logits(8, 1, generator=generator)
+    labels = torch.randn(8, generator=generator, dtype=torch.float64)
+    loss, mse_task, mse_teacher = distillation_loss(student, teacher, labels, alpha=0.6, temperature=3.0)
+    torch.testing.assert_close(mse_task, F.mse_loss(student.squeeze(-1), labels))
+    torch.testing.assert_close(mse_teacher, F.mse_loss(student, teacher))
+    torch.testing.assert_close(loss, 0.6 * mse_task + 0.4 * mse_teacher)
+    # Labels shaped like the logits, (B, 1), are accepted too.
+    torch.testing.assert_close(distillation_loss(student, teacher, labels[:, None], alpha=0.6)[0], loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_give_a_float32_loss(generator, dtype):
+    student = logits(2, 5, 50, generator=generator).to(dtype)
+    teacher = logits(2, 5, 50, generator=generator).to(dtype)
+    labels = torch.randint(0, 50, (2, 5), generator=generator)
+    loss, ce, kl = distillation_loss(student, teacher, labels, shift_labels=True)
+    assert loss.dtype == ce.dtype == kl.dtype == torch.float32
+    reference = distillation_loss(student.float(), teacher.float(), labels, shift_labels=True)[0]
+    torch.testing.assert_close(loss, reference)
+
+
+def test_gradient_reaches_the_student_only(generator):
+    student = logits(4, 3, generator=generator).requires_grad_()
+    teacher = logits(4, 3, generator=generator).requires_grad_()
+    labels = torch.randint(0, 3, (4,), generator=generator)
+    loss, ce, kl = distillation_loss(student, teacher, labels)
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+    assert not ce.requires_grad and not kl.requires_grad
+
+
+def test_all_positions_ignored_gives_a_zero_loss_with_a_gradient(generator):
+    student = logits(2, 3, 4, generator=generator).requires_grad_()
+    labels = torch.full((2, 3), -100)
+    loss, _, _ = distillation_loss(student, logits(2, 3, 4, generator=generator), labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(student.grad, torch.zeros_like(student))
+
+
+@pytest.mark.parametrize(
+    ("student_shape", "labels_shape", "kwargs", "message"),
+    [
+        ((4, 3), (4, 3), {}, "labels"),  # multi-label / soft labels
+        ((2, 5, 7), (2, 5), {"shift_labels": False, "teacher_shape": (2, 5, 6)}, "shape"),
+        ((4, 3), (4,), {"shift_labels": True}, "shift_labels"),
+        ((4, 3), (4,), {"alpha": 1.5}, "alpha"),
+        ((4, 3), (4,), {"temperature": 0.0}, "temperature"),
+    ],
+)
+def test_bad_inputs_are_refused(generator, student_shape, labels_shape, kwargs, message):
+    teacher_shape = kwargs.pop("teacher_shape", student_shape)
+    labels = torch.zeros(labels_shape, dtype=torch.long)
+    student, teacher = logits(*student_shape, generator=generator), logits(*teacher_shape, generator=generator)
+    with pytest.raises(ValueError, match=message):
+        distillation_loss(student, teacher, labels, **kwargs)
+
+
+def test_teacher_copy_is_frozen_and_independent():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    teacher = teacher_copy(model)
+    assert model.training and not teacher.training
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert teacher[0].weight.abs().sum() > 0
