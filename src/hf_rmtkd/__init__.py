@@ -20,6 +20,8 @@ from .modeling import (
     register_auto_classes,
 )
 from .report import SiteSpectrum, SpectralReport
+from .trainer import RMTKDTrainer
+from .training_args import RMTKDTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,8 @@ __all__ = [
     "RMTKDForSequenceClassification",
     "RMTKDForTokenClassification",
     "RMTKDModel",
+    "RMTKDTrainer",
+    "RMTKDTrainingArguments",
     "SiteSpectrum",
     "SpectralReport",
     "analyze",

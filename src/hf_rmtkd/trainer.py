@@ -34,8 +34,8 @@ from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from .api import base_of, to_report
-from .calibration import collect_statistics, measure_sites
 from .architectures import find_sites
+from .calibration import collect_statistics, measure_sites
 from .cut import apply_plan
 from .distillation import distillation_loss, teacher_copy
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
@@ -84,13 +84,14 @@ class RMTKDTrainer(Trainer):
         model = self._merge_peft(model)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if self.eval_dataset is None:
-            raise ValueError("RMTKDTrainer needs an eval_dataset: each round is accepted or rolled back on its metric.")
+            raise ValueError("RMTKDTrainer needs an eval_dataset: rounds are accepted or rolled back on its metric.")
         self.calibration_dataset = calibration_dataset
         # Always count the real label tokens of each accumulated batch, whatever the model's forward accepts.
         self.model_accepts_loss_kwargs = True
         self.teacher: nn.Module | None = None
         self.rmtkd_log: list[dict] = []
         self.rmtkd_report = None
+        self.metric_name = None
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "n": 0}
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -115,7 +116,9 @@ class RMTKDTrainer(Trainer):
         features = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**features)
         distilling = self.teacher is not None and model.training
-        teacher_logits = None
+        # Outside distillation (warm-up, evaluation) the loss is the task loss alone: α = 1, and the student's own
+        # detached logits stand in for the teacher (a zero KL term).
+        teacher_logits = outputs.logits.detach()
         if distilling:
             with torch.no_grad():
                 teacher_logits = self.teacher(**features).logits
@@ -126,7 +129,7 @@ class RMTKDTrainer(Trainer):
             num_items_in_batch=num_items_in_batch,
             shift_labels=self._is_causal_lm,
         )
-        if model.training:
+        if model.training and ce is not None:
             self._loss_parts["ce"] += float(ce)
             self._loss_parts["kl"] += float(kl)
             self._loss_parts["n"] += 1
@@ -147,28 +150,14 @@ class RMTKDTrainer(Trainer):
     # Rounds
     # ----------------------------------------------------------------------------------------------------------------
 
-    @property
-    def metric_name(self) -> str:
-        """The eval metric rounds are judged on (``rmtkd_metric``, else ``metric_for_best_model``, else accuracy when
-        ``compute_metrics`` is set, else the loss)."""
-        name = self.args.rmtkd_metric or self.args.metric_for_best_model
-        name = name or ("accuracy" if self.compute_metrics is not None else "loss")
-        return name if name.startswith("eval_") else f"eval_{name}"
-
-    @property
-    def greater_is_better(self) -> bool:
-        if self.args.greater_is_better is not None and self.args.rmtkd_metric is None:
-            return self.args.greater_is_better
-        return not self.metric_name.endswith("loss")
-
     def _metric(self) -> float:
+        """Evaluate and return the guarded metric (`RMTKDTrainingArguments.guarded_metric`)."""
         metrics = self.evaluate()
-        if self.metric_name not in metrics:
-            raise KeyError(f"The eval metrics have no '{self.metric_name}' (got {sorted(metrics)}); set rmtkd_metric.")
+        self.metric_name = self.args.guarded_metric(metrics)
         return float(metrics[self.metric_name])
 
-    def _drop(self, baseline: float, value: float) -> float:
-        return baseline - value if self.greater_is_better else value - baseline
+    def _drop(self, reference: float, value: float) -> float:
+        return self.args.metric_drop(reference, value, self.metric_name)
 
     def _calibration_loader(self):
         dataset = self.calibration_dataset

@@ -1,0 +1,107 @@
+"""RMTKDTrainer end to end on tiny BERT, ResNet and LLaMA configs with learnable synthetic tasks."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
+
+import hf_rmtkd  # noqa: F401  (registers the Auto classes)
+from hf_rmtkd.trainer import RMTKDTrainer
+from hf_rmtkd.training_args import RMTKDTrainingArguments
+
+
+def accuracy(eval_pred):
+    return {"accuracy": float((np.argmax(eval_pred.predictions, -1) == eval_pred.label_ids).mean())}
+
+
+def text_task(n, seed):
+    """Label = which third of the vocabulary the first token falls in: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (n, 12), generator=g)
+    labels = ((ids[:, 0] - 3) * 3 // 125).clamp(max=2)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                                       "labels": labels.tolist()})
+
+
+def image_task(n, seed):
+    """Label = the brightest of three horizontal bands."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    for i, label in enumerate(labels):
+        x[i, :, 5 * label : 5 * label + 5] += 1.5
+    return datasets.Dataset.from_dict({"pixel_values": x.tolist(), "labels": labels.tolist()})
+
+
+def lm_task(n, seed):
+    """Sequences that count up by a fixed step: the next token is predictable."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(3, 60, (n, 1), generator=g)
+    step = torch.randint(1, 4, (n, 1), generator=g)
+    ids = (start + step * torch.arange(12)).clamp(max=127)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                                       "labels": ids.tolist()})
+
+
+CASES = {
+    "bert": (lambda: tiny_model("bert", initializer_range=0.1), text_task, accuracy,
+             AutoModelForSequenceClassification),
+    "resnet": (lambda: tiny_model("resnet"), image_task, accuracy, AutoModelForImageClassification),
+    "llama": (lambda: tiny_model("llama"), lm_task, None, AutoModelForCausalLM),
+}
+
+
+def common_args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=32, per_device_eval_batch_size=64,
+                  learning_rate=3e-3, report_to=[], save_strategy="no", logging_steps=1000, seed=0,
+                  disable_tqdm=True, use_cpu=True)
+    values.update(overrides)
+    return values
+
+
+def teacher_for(case, tmp_path):
+    build, task, metrics, _ = CASES[case]
+    model = build().train()
+    train = task(512, 0)
+    Trainer(model=model, args=TrainingArguments(**common_args(tmp_path / "teacher", num_train_epochs=6)),
+            train_dataset=train).train()
+    return model, train, task(256, 1), metrics
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trainer_compresses_within_allowed_drop_and_reloads(case, tmp_path):
+    teacher, train, test, metrics = teacher_for(case, tmp_path)
+    original = teacher.num_parameters()
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "rmtkd"), sites_per_round=3, max_rounds=3, distillation_epochs_per_round=2,
+        min_rank=2, max_metric_drop=0.05 if metrics else 0.25, calibration_fraction=0.25,
+    )
+    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test,
+                           compute_metrics=metrics)
+    output = trainer.train()
+    log = json.loads((tmp_path / "rmtkd" / "rmtkd_log.json").read_text())
+    assert [entry["round"] for entry in log] == list(range(1, output.metrics["rmtkd_rounds"] + 1))
+    accepted = [entry for entry in log if entry["accepted"]]
+    assert accepted, log
+    # Parameters fall by exactly what the accepted rounds planned.
+    final = trainer.model.num_parameters()
+    assert final == accepted[-1]["params"] < original
+    for entry in log:
+        assert entry["metric_drop"] <= args.max_metric_drop or not entry["accepted"]
+    # The saved result reloads with from_pretrained and predicts the same.
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = CASES[case][3].from_pretrained(tmp_path / "final").eval()
+    batch = {k: torch.tensor(v) for k, v in test[:8].items() if k != "labels"}
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
