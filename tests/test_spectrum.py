@@ -174,3 +174,15 @@ def test_zero_spectrum_raises():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="no positive"):
             count_outliers(torch.zeros(5), 100)
+
+
+def test_spectrum_without_mp_bulk_falls_back_to_the_quantile_rule():
+    """A smooth power-law spectrum (like real FFN activations) has no bulk: the histogram fit runs to its search
+    bound, so the count uses the quantile rule and says so."""
+    d, n = 400, 20000
+    lam = torch.logspace(1, -4, d, dtype=torch.float64)
+    result = count_outliers(lam, n)
+    assert result.estimator == "mp_quantile" and "search bound" in result.note
+    assert result.sigma2 == pytest.approx(estimate_noise_variance(lam, n, "mp_quantile"))
+    clean, count = spectrum_of(spiked_samples(200, 4000, 1.0, [5.0], torch.Generator().manual_seed(0)))
+    assert count_outliers(clean, count).note == ""

@@ -255,7 +255,9 @@ def estimate_noise_variance(
     Methods:
         ``"mp_fit"`` (the paper's rule): start at ``σ₀² = Quantile(λ, τ)``, then choose σ² in ``[σ₀²/4, 4σ₀²]``
         minimising the squared L2 distance between the eigenvalue histogram (as a density over all d eigenvalues)
-        and the MP density, each bin compared with the MP mass that falls in it.
+        and the MP density, each bin compared with the MP mass that falls in it. When the best σ² lies on the edge of
+        that range the spectrum has no MP-shaped bulk (real activations often follow a smooth power law) and the
+        ``mp_quantile`` value is returned instead; `count_outliers` records the switch in ``OutlierCount.note``.
         ``"mp_quantile"`` (robust alternative): ``σ² = Quantile(λ, τ) / Quantile_MP(τ; σ²=1, q)`` — the τ-quantile of
         the spectrum matched to the same quantile of the unit MP law (the "median divided by the MP median" rule).
 
@@ -276,6 +278,11 @@ def estimate_noise_variance(
         >>> round(estimate_noise_variance(lam, 4000), 1)
         4.0
     """
+    return _noise_variance(eigenvalues, n_samples, method, quantile, n_bins)[0]
+
+
+def _noise_variance(eigenvalues, n_samples, method, quantile, n_bins) -> tuple[float, str, str]:
+    """σ², the estimator that produced it, and a note when that is not the one requested."""
     if method not in ESTIMATORS:
         raise ValueError(f"Unknown noise-variance estimator '{method}'; choose one of {ESTIMATORS}.")
     if not 0 < quantile < 1:
@@ -287,13 +294,24 @@ def estimate_noise_variance(
     q = d / n_samples
     lam = _positive(lam_all)
     sigma0 = float(torch.quantile(lam, quantile))
+    quantile_rule = sigma0 / mp_quantile(quantile, 1.0, q)
     if method == "mp_quantile":
-        return sigma0 / mp_quantile(quantile, 1.0, q)
-    return _fit_mp_histogram(lam, d, q, sigma0, n_bins)
+        return quantile_rule, method, ""
+    sigma2, at_bound = _fit_mp_histogram(lam, d, q, sigma0, n_bins)
+    if at_bound:
+        # No MP bulk to fit: the robust quantile rule still gives a noise level, and the report says so.
+        return quantile_rule, "mp_quantile", "mp_fit ended on its search bound (no MP-shaped bulk); used mp_quantile"
+    return sigma2, method, ""
 
 
-def _fit_mp_histogram(lam: torch.Tensor, d: int, q: float, sigma0: float, n_bins: int | None) -> float:
-    """Least-squares match of the eigenvalue histogram to the MP density over σ² ∈ [σ₀²/4, 4σ₀²]."""
+def _fit_mp_histogram(lam: torch.Tensor, d: int, q: float, sigma0: float, n_bins: int | None) -> tuple[float, bool]:
+    """Least-squares match of the eigenvalue histogram to the MP density over σ² ∈ [σ₀²/4, 4σ₀²].
+
+    Returns:
+        ``(σ², at_bound)``; ``at_bound`` is true when the best σ² lies on the edge of the search range, which happens
+        when the spectrum has no MP-shaped bulk at all (e.g. a smooth power law): the L2 loss then keeps falling as
+        the MP curve moves away from the data, and the "fit" says nothing about the noise level.
+    """
     root = math.sqrt(q)
     # One fixed window for every candidate σ², wide enough to hold the whole bulk of any of them.
     lo = 0.25 * sigma0 * (1 - root) ** 2 if q != 1 else 0.0
@@ -328,7 +346,7 @@ def _fit_mp_histogram(lam: torch.Tensor, d: int, q: float, sigma0: float, n_bins
             a, c, fc = c, e, fe
             e = a + golden * (b - a)
             fe = loss(e)
-    return (a + b) / 2
+    return (a + b) / 2, best in (0, len(grid) - 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -365,9 +383,10 @@ class OutlierCount:
     lambda_plus: float  # the bare MP edge σ²(1 + √q)²
     threshold: float  # the edge actually used (λ₊ plus the finite-sample margin, or λ₊)
     retained_variance: float  # Σ_{i≤k} λᵢ / Σ λᵢ
-    estimator: str
+    estimator: str  # the estimator that produced sigma2 (see `note` when it is not the one requested)
     quantile: float
     edge: str
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -417,7 +436,7 @@ def count_outliers(
             stacklevel=2,
         )
     q = d / n_samples
-    sigma2 = estimate_noise_variance(lam, n_samples, estimator, quantile, n_bins)
+    sigma2, estimator, note = _noise_variance(lam, n_samples, estimator, quantile, n_bins)
     lam_minus, lam_plus = mp_edges(sigma2, q)
     threshold = lam_plus
     if edge == "tracy_widom":
@@ -427,7 +446,7 @@ def count_outliers(
     retained = float(lam[:k].clamp(min=0).sum()) / total if total > 0 else 0.0
     return OutlierCount(
         k=k, d=d, n_samples=int(n_samples), q=q, sigma2=sigma2, lambda_minus=lam_minus, lambda_plus=lam_plus,
-        threshold=threshold, retained_variance=retained, estimator=estimator, quantile=quantile, edge=edge,
+        threshold=threshold, retained_variance=retained, estimator=estimator, quantile=quantile, edge=edge, note=note,
     )
 
 
