@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, set_seed
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
@@ -315,6 +315,8 @@ class RMTKDTrainer(Trainer):
                 stop_reason = f"k/d of {thin[0].site} is {thin[0].k_spectrum / thin[0].d:.3f} < min_keep_ratio"
                 break
             state["round"] += 1
+            # Seed every round from its index, so a resumed run repeats the uninterrupted run's dropout and data order.
+            set_seed(args.seed + state["round"])
             self.teacher = teacher_copy(self.model)
             self._cut(plan, measurements)
             after_cut = self._metric()
