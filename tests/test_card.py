@@ -111,8 +111,8 @@ def test_usage_settings_log_and_citation(card):
     assert "| 1 | 1 (ffn_width ×1) | 24,515 → 22,110 | 0.61 | 0.83 | 0.004 | yes |" in rounds
     assert "no (rolled back)" in rounds and "eval_accuracy after distillation" in rounds
     citation = section(card.text, "Citation")
-    for text in ("Ettori", "Darabi", "Senthilkumar", "Trivedi", "Random Matrix Theoretic Causal Knowledge Distillation",
-                 "arXiv:2509.15724", "2025"):
+    for text in ("Ettori", "Darabi", "Senthilkumar", "Trivedi", "arXiv:2509.15724", "2025",
+                 "Random Matrix Theoretic Causal Knowledge Distillation"):
         assert text in citation
 
 

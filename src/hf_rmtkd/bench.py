@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = [
     "compare_speed",
+    "comparison_table",
     "count_flops",
     "cpu_name",
     "example_inputs",
@@ -363,3 +364,73 @@ def safetensors_size(directory: str | os.PathLike) -> int:
     if not files:
         raise FileNotFoundError(f"No .safetensors file in '{directory}': is it a save_pretrained folder?")
     return sum(file.stat().st_size for file in files)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Before / after table
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def comparison_table(
+    original: nn.Module,
+    compressed: nn.Module,
+    *,
+    metrics: Mapping[str, tuple[float, float]] | None = None,
+    speeds: list[dict] = (),
+    flops: tuple[int, int] | None = None,
+    flops_shape: str = "",
+    directories: tuple[str | os.PathLike, str | os.PathLike] | None = None,
+) -> str:
+    """A Markdown before/after table: parameters, metrics, timings, FLOPs and checkpoint size.
+
+    Args:
+        original: the reference model.
+        compressed: the compressed model.
+        metrics: ``{label: (before, after)}``; values in [0, 1] (accuracies) are shown as percentages and their
+            change in points.
+        speeds: `compare_speed` results, one row each (labelled by their batch shape).
+        flops: ``(original, compressed)`` FLOP counts from `count_flops`.
+        flops_shape: the batch the FLOPs were counted on, for the label (e.g. ``"batch 32 x 64"``).
+        directories: ``(original, compressed)`` checkpoint folders, for their ``.safetensors`` sizes.
+
+    Returns:
+        The table, one row per line.
+
+    Example:
+        >>> print(comparison_table(model, small, metrics={"test accuracy": (0.795, 0.789)}))  # doctest: +SKIP
+        | | original | compressed | change |
+        |---|---:|---:|---:|
+        | parameters | 22,713,218 | 9,845,762 | -56.7% |
+        | test accuracy | 79.50% | 78.90% | -0.60 pt |
+    """
+    before, after = parameter_count(original), parameter_count(compressed)
+    rows = [("parameters", f"{before:,}", f"{after:,}", f"{after / before - 1:+.1%}")]
+    for label, (value_before, value_after) in (metrics or {}).items():
+        if 0 <= value_before <= 1 and 0 <= value_after <= 1:
+            rows.append((label, f"{value_before:.2%}", f"{value_after:.2%}",
+                         f"{(value_after - value_before) * 100:+.2f} pt"))
+        else:
+            rows.append((label, f"{value_before:.4g}", f"{value_after:.4g}", f"{value_after - value_before:+.4g}"))
+    for result in speeds:
+        shape = f"batch {result['batch_size']}" + (f" x {result['seq_len']}" if result["seq_len"] else "")
+        rows.append((
+            f"forward time, {shape} (median of {result['runs']})",
+            f"{result['original_s'] * 1e3:.1f} ms",
+            f"{result['compressed_s'] * 1e3:.1f} ms",
+            f"x{result['speedup']:.2f} faster (paired x{result['paired_speedup']:.2f})",
+        ))
+    if flops is not None:
+        label = "forward FLOPs" + (f", {flops_shape}" if flops_shape else "")
+        rows.append((label, f"{flops[0] / 1e9:.2f} G", f"{flops[1] / 1e9:.2f} G",
+                     f"x{flops[0] / flops[1]:.2f} fewer (speed ceiling)"))
+    if directories is not None:
+        sizes = [safetensors_size(directory) for directory in directories]
+        change = f"{sizes[1] / sizes[0] - 1:+.1%}"
+        rows.append(("safetensors on disk", _megabytes(sizes[0]), _megabytes(sizes[1]), change))
+    lines = ["| | original | compressed | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines)

@@ -220,8 +220,8 @@ def build_model_card(
         speed=f"{speed_ratio:.2f}× faster (measured)" if speed_ratio is not None else "not measured",
         speed_setup=speed_setup,
         metric_name=metric_name,
-        metric_before=_number(metric_before),
-        metric_after=_number(metric_after),
+        metric_before=_number(metric_before, missing="not measured"),
+        metric_after=_number(metric_after, missing="not measured"),
         metric_change=_difference(metric_after, metric_before),
         sites=_site_rows(model, report),
         report_file=_listed(directory, REPORT_NAME, report is not None),
@@ -262,8 +262,8 @@ def _percent(after: int, before: int) -> str:
     return f"{(after - before) / before:+.1%}" if before else "—"
 
 
-def _number(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
+def _number(value: float | None, missing: str = "—") -> str:
+    return missing if value is None else f"{value:.4g}"
 
 
 def _difference(after: float | None, before: float | None) -> str:

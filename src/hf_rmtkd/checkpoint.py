@@ -54,7 +54,7 @@ def save_rmtkd_checkpoint(
         tokenizer: a tokenizer, image processor or processor to save beside the model.
 
     Returns:
-        The checkpoint folder.
+        The checkpoint folder, as an absolute path.
 
     Raises:
         FileExistsError: ``save_directory`` exists and is not a checkpoint folder this function may replace.
@@ -63,7 +63,8 @@ def save_rmtkd_checkpoint(
         >>> path = save_rmtkd_checkpoint(small, "out/")  # doctest: +SKIP
         >>> AutoModelForSequenceClassification.from_pretrained(path)  # after `import hf_rmtkd`  # doctest: +SKIP
     """
-    target = Path(save_directory)
+    # Absolute (symlinks kept), so that "." or "out/" still has a parent to hold the temporary sibling.
+    target = Path(os.path.abspath(save_directory))
     _check_replaceable(target)
     report = report if report is not None else getattr(model, "rmtkd_report", None)
     target.parent.mkdir(parents=True, exist_ok=True)
