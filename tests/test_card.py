@@ -169,6 +169,10 @@ def test_card_of_a_reloaded_model_without_extras(small, folder):
     assert "σ² estimator | `mp_fit`" in section(text, "Settings")
 
 
+def test_slower_model_is_called_slower(small):
+    assert "1.25× slower (measured)" in build_model_card(small, speed_ratio=0.8).content
+
+
 def test_stock_export_paragraph(small, monkeypatch):
     given = build_model_card(small, stock_export="me/tiny-stock").content
     assert 'from_pretrained("me/tiny-stock")' in given and "BertForSequenceClassification" in given

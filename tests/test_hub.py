@@ -140,7 +140,9 @@ class FakeApi:
 def test_push_model_uploads_card_plots_report_and_no_token(small, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     api = FakeApi()
-    url = push_model(small, "me/tiny-rmtkd", api=api, rmtkd_log=LOG, private=True, revision="v1",
+    # Two sites are enough here (the full set of plots is checked on `saved`), and keep the plotting short.
+    report = SpectralReport(sites=small.rmtkd_report.sites[:2], settings=small.rmtkd_report.settings)
+    url = push_model(small, "me/tiny-rmtkd", api=api, report=report, rmtkd_log=LOG, private=True, revision="v1",
                      tags=["demo"], card_kwargs={"metric_before": 0.81, "metric_after": 0.8,
                                                  "datasets": ["rotten_tomatoes"]})
     assert url == "https://huggingface.co/me/tiny-rmtkd/commit/abc"
@@ -149,7 +151,7 @@ def test_push_model_uploads_card_plots_report_and_no_token(small, monkeypatch):
     assert api.calls[2][2]["revision"] == "v1"
     # The token is left to huggingface_hub's own resolution (HF_TOKEN here), never passed around or written.
     assert all(call[2].get("token") is None for call in api.calls)
-    assert set(api.files) == expected_files(small.rmtkd_report) | {"rmtkd_log.json"}
+    assert set(api.files) == expected_files(report) | {"rmtkd_log.json"}
     for name, content in api.files.items():
         assert SECRET.encode() not in content, name
     card = api.files["README.md"].decode()

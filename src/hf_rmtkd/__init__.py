@@ -9,6 +9,8 @@ Importing the package registers the RMTKD config and model classes with the tran
 
 from . import spectrum
 from .api import analyze, compress
+from .checkpoint import save_rmtkd_checkpoint
+from .hub import install_push_to_hub, push_model
 from .modeling import (
     RMTKDConfig,
     RMTKDForCausalLM,
@@ -26,6 +28,7 @@ from .training_args import RMTKDTrainingArguments
 __version__ = "0.1.0"
 
 register_auto_classes()
+install_push_to_hub()
 
 __all__ = [
     "RMTKDConfig",
@@ -41,5 +44,7 @@ __all__ = [
     "SpectralReport",
     "analyze",
     "compress",
+    "push_model",
+    "save_rmtkd_checkpoint",
     "spectrum",
 ]

@@ -71,12 +71,12 @@ class SiteMeasurement:
         return self.outliers.k
 
 
-def _model_input_names(model: nn.Module) -> set[str] | None:
-    """The keyword arguments ``model.forward`` accepts, or None when it takes ``**kwargs``."""
+def _model_input_names(model: nn.Module) -> tuple[set[str], bool]:
+    """The named arguments of ``model.forward``, and whether it also takes ``**kwargs``."""
     parameters = inspect.signature(model.forward).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters}
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    named = {p.name for p in parameters if p.kind not in variadic}
+    return named, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _pad_collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -98,9 +98,10 @@ def iterate_batches(model: nn.Module, data, batch_size: int = 32, collate_fn=Non
     A ``datasets.Dataset`` keeps only the columns ``model.forward`` accepts (``labels`` are dropped: calibration
     needs no loss) and is padded per batch.
     """
-    accepted = _model_input_names(model)
+    named, any_keyword = _model_input_names(model)
     if hasattr(data, "column_names") and hasattr(data, "select"):  # a datasets.Dataset
-        keep = [c for c in data.column_names if c != "labels" and c != "label" and (accepted is None or c in accepted)]
+        # Columns are kept only when forward names them: text, ids and other metadata columns are dropped.
+        keep = [c for c in data.column_names if c not in ("labels", "label") and c in named]
         if not keep:
             raise ValueError(
                 f"The calibration dataset has no column {type(model).__name__}.forward accepts "
@@ -114,7 +115,7 @@ def iterate_batches(model: nn.Module, data, batch_size: int = 32, collate_fn=Non
     for batch in data:
         if not isinstance(batch, dict):
             batch = dict(batch)  # BatchEncoding and other mappings
-        yield {k: v for k, v in batch.items() if k not in ("labels", "label") and (accepted is None or k in accepted)}
+        yield {k: v for k, v in batch.items() if k not in ("labels", "label") and (any_keyword or k in named)}
 
 
 def _as_rows(x: torch.Tensor, site: Site, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

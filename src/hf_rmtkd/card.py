@@ -217,7 +217,7 @@ def build_model_card(
         params_after=f"{params_after:,}",
         params_change=_percent(params_after, params_before),
         file_size=_weights_size(directory),
-        speed=f"{speed_ratio:.2f}× faster (measured)" if speed_ratio is not None else "not measured",
+        speed=_speed(speed_ratio),
         speed_setup=speed_setup,
         metric_name=metric_name,
         metric_before=_number(metric_before, missing="not measured"),
@@ -260,6 +260,12 @@ def _base_parameters(model: RMTKDPreTrainedModel) -> int:
 
 def _percent(after: int, before: int) -> str:
     return f"{(after - before) / before:+.1%}" if before else "—"
+
+
+def _speed(ratio: float | None) -> str:
+    if ratio is None:
+        return "not measured"
+    return f"{ratio:.2f}× faster (measured)" if ratio >= 1 else f"{1 / ratio:.2f}× slower (measured)"
 
 
 def _number(value: float | None, missing: str = "—") -> str:

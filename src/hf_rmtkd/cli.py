@@ -68,7 +68,8 @@ def add_analyze_parser(subparsers) -> None:
         help="Column holding the label (not needed for the analysis; default: 'label' when present).",
     )
     parser.add_argument("--split", default="train", help="Dataset split to draw the calibration subset from.")
-    parser.add_argument("--fraction", type=float, default=0.1, help="Share of the split used for calibration.")
+    parser.add_argument("--fraction", type=_unit_interval("--fraction", closed_right=True), default=0.1,
+                        help="Share of the split used for calibration, in (0, 1].")
     parser.add_argument("--max-examples", type=int, default=None, help="Cap on the number of calibration examples.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the calibration sample.")
     parser.add_argument("--max-length", type=int, default=64, help="Truncation length in tokens.")
@@ -78,7 +79,7 @@ def add_analyze_parser(subparsers) -> None:
         help="Noise-variance estimator: 'mp_fit' (the paper's quantile start + histogram fit) or 'mp_quantile'.",
     )
     parser.add_argument(
-        "--quantile", type=float, default=0.5,
+        "--quantile", type=_unit_interval("--quantile"), default=0.5,
         help="tau, the spectrum quantile that starts the noise-variance estimate (larger keeps fewer directions).",
     )
     parser.add_argument(
@@ -102,6 +103,18 @@ def add_analyze_parser(subparsers) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bar.")
     parser.add_argument("--out", required=True, type=Path, help="Output folder for the report and the plots.")
     parser.set_defaults(run=run_analyze)
+
+
+def _unit_interval(option: str, closed_right: bool = False):
+    """An argparse type for a number in (0, 1) (or (0, 1]), checked before any model or data is loaded."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (0 < value < 1 or (closed_right and value == 1)):
+            raise argparse.ArgumentTypeError(f"{option} must lie in (0, 1{']' if closed_right else ')'}, got {text}")
+        return value
+
+    return parse
 
 
 def run_analyze(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, get_token
 from .card import CARD_NAME
 from .checkpoint import save_rmtkd_checkpoint
 
-__all__ = ["DEFAULT_COMMIT_MESSAGE", "push_model", "push_rmtkd_checkpoint"]
+__all__ = ["DEFAULT_COMMIT_MESSAGE", "install_push_to_hub", "push_model", "push_rmtkd_checkpoint"]
 
 DEFAULT_COMMIT_MESSAGE = "Upload RMT-KD compressed model"
 REQUIRED_FILES = ("config.json", CARD_NAME)
@@ -162,3 +162,21 @@ def _refuse_token_leak(folder: Path, tokens: list[str | None]) -> None:
                         "the token from it, e.g. TrainingArguments.hub_token before saving) and push again."
                     )
                 tail = window[-overlap:] if overlap else b""
+
+
+def _push_to_hub(self, repo_id: str, **kwargs) -> str:
+    """Push weights, config and code together with the model card, spectrum plots and report (see `push_model`)."""
+    kwargs.pop("max_shard_size", None)  # one safetensors file, as save_pretrained writes it
+    return push_model(self, repo_id, **kwargs)
+
+
+def install_push_to_hub() -> None:
+    """Make ``model.push_to_hub(repo_id)`` on RMTKD models upload the card, plots and report too.
+
+    Installed on the plugin's own classes at import time rather than written in ``modeling_rmtkd.py``: that file is
+    copied into every checkpoint and may import only torch and transformers, so a checkpoint loaded as remote code
+    keeps transformers' plain ``push_to_hub``.
+    """
+    from .modeling import RMTKDPreTrainedModel
+
+    RMTKDPreTrainedModel.push_to_hub = _push_to_hub

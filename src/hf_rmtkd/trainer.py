@@ -29,15 +29,17 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from transformers import PreTrainedModel, Trainer, set_seed
+from transformers import Trainer, set_seed
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from .api import base_of, to_report
 from .architectures import find_sites
 from .calibration import collect_statistics, measure_sites
+from .checkpoint import save_rmtkd_checkpoint
 from .cut import apply_plan
 from .distillation import distillation_loss, teacher_copy
+from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import plan_reductions
 from .training_args import RMTKDTrainingArguments
@@ -91,7 +93,9 @@ class RMTKDTrainer(Trainer):
         self.teacher: nn.Module | None = None
         self.rmtkd_log: list[dict] = []
         self.rmtkd_report = None
+        self.rmtkd_baseline: float | None = None
         self.metric_name = None
+        self._nonfinite_loss = False
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "n": 0}
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -129,6 +133,10 @@ class RMTKDTrainer(Trainer):
             num_items_in_batch=num_items_in_batch,
             shift_labels=self._is_causal_lm,
         )
+        if model.training and not torch.isfinite(loss.detach()).all():
+            # The cut model diverged: stop this round's training now; the round is rolled back (see `train`).
+            self._nonfinite_loss = True
+            self.control.should_training_stop = True
         if model.training and ce is not None:
             self._loss_parts["ce"] += float(ce)
             self._loss_parts["kl"] += float(kl)
@@ -297,6 +305,7 @@ class RMTKDTrainer(Trainer):
                 baseline = self._warm_up(baseline)
             state = {"round": 0, "original_params": original, "baseline": baseline, "excluded": [], "log": []}
         self.rmtkd_log = state["log"]
+        self.rmtkd_baseline = state["baseline"]
         target = args.param_target(state["original_params"])
         stop_reason = "max_rounds reached"
         while args.max_rounds is None or state["round"] < args.max_rounds:
@@ -320,10 +329,17 @@ class RMTKDTrainer(Trainer):
             self.teacher = teacher_copy(self.model)
             self._cut(plan, measurements)
             after_cut = self._metric()
+            self._nonfinite_loss = False
             self._distil()
             metric = self._metric()
             drop = self._drop(state["baseline"], metric)
-            accepted = drop <= args.max_metric_drop and math.isfinite(metric)
+            if self._nonfinite_loss or not math.isfinite(metric):
+                accepted, reason = False, "the distillation loss became NaN or Inf"
+            elif drop > args.max_metric_drop:
+                accepted = False
+                reason = f"{self.metric_name} fell by {drop:.4f} > max_metric_drop {args.max_metric_drop}"
+            else:
+                accepted, reason = True, "within max_metric_drop"
             entry = {
                 "round": state["round"],
                 "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
@@ -334,12 +350,12 @@ class RMTKDTrainer(Trainer):
                 self.metric_name: metric,
                 "metric_drop": drop,
                 "accepted": accepted,
+                "reason": reason,
             }
             if not accepted:
                 self._restore(self.teacher)
                 state["excluded"] += [c.site for c in plan.cuts]
-                logger.warning(f"Round {state['round']} rolled back: {self.metric_name} fell by {drop:.4f} "
-                               f"> max_metric_drop {args.max_metric_drop}.")
+                logger.warning(f"Round {state['round']} rolled back: {reason}.")
             self.teacher = None
             entry["params"] = self.model.num_parameters()
             self.rmtkd_log.append(entry)
@@ -365,29 +381,73 @@ class RMTKDTrainer(Trainer):
         if not self.args.should_save:
             return
         final = output / f"{ROUND_PREFIX}{state['round']}"
-        self.save_model(str(final), _internal_call=True)
+        self._write_checkpoint(final, report=None)  # no plots per round: they are for the final model
+        # The state file goes last: a round folder without it is incomplete and `resume` skips it.
         _write_json_atomic(final / STATE_FILE, state)
 
+    def _card_kwargs(self) -> dict:
+        accepted = [entry for entry in self.rmtkd_log if entry["accepted"]]
+        a = self.args
+        return {
+            "metric_name": (self.metric_name or "accuracy").removeprefix("eval_"),
+            "metric_before": self.rmtkd_baseline,
+            "metric_after": accepted[-1][self.metric_name] if accepted else None,
+            "settings": {**self._spectrum_settings(), "distillation_alpha": a.distillation_alpha,
+                         "distillation_temperature": a.distillation_temperature,
+                         "max_metric_drop": a.max_metric_drop, "target_params": a.target_params,
+                         "sites_per_round": a.sites_per_round},
+        }
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the (compressed) model as an RMTKD checkpoint, written to a temporary directory and renamed."""
-        output = Path(output_dir or self.args.output_dir)
-        if not self.args.should_save:
+        """Save the model as an RMTKD checkpoint: weights, code, tokenizer, model card, spectra, report and log.
+
+        Written to a temporary folder and renamed into place (`save_rmtkd_checkpoint`). When the target is the run's
+        ``output_dir`` (which holds the round checkpoints), the finished files are moved in one by one instead, so
+        nothing else there is touched. Training arguments are saved as JSON (tokens masked), never pickled.
+        """
+        if self.args.should_save:
+            self._write_checkpoint(Path(output_dir or self.args.output_dir), report=self.rmtkd_report)
+
+    def _write_checkpoint(self, output: Path, report) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model.config, "model_type", None) != "rmtkd":  # nothing was cut: a plain transformers checkpoint
+            super().save_model(str(output), _internal_call=True)
+            (output / "training_args.bin").unlink(missing_ok=True)
+            (output / "training_args.json").write_text(self.args.to_json_string())
             return
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-        try:
-            super().save_model(str(tmp), _internal_call=True)
-            if self.rmtkd_log:
-                _write_json_atomic(tmp / LOG_FILE, self.rmtkd_log)
-            if output.exists():
-                old = output.with_name(f".{output.name}.old-{os.getpid()}")
-                os.replace(output, old)
-                os.replace(tmp, output)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, output)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shared = output.exists() and any(p.name.startswith(ROUND_PREFIX) or p.name.startswith("checkpoint-")
+                                         for p in output.iterdir())
+        target = output.with_name(f".{output.name}.save-{os.getpid()}") if shared else output
+        save_rmtkd_checkpoint(model, target, report=report, rmtkd_log=self.rmtkd_log or None,
+                              card_kwargs=self._card_kwargs(), tokenizer=self.processing_class)
+        (target / "training_args.json").write_text(self.args.to_json_string())
+        if shared:
+            for item in target.iterdir():
+                destination = output / item.name
+                if destination.is_dir():
+                    shutil.rmtree(destination)
+                os.replace(item, destination)
+            target.rmdir()
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision=None, private=None, **kwargs) -> str | None:
+        """Push the compressed model with its card, spectrum plots, report and log (main process only).
+
+        The token follows huggingface_hub's resolution (argument, ``args.hub_token``, ``HF_TOKEN``, stored login)
+        and is never written to any file.
+        """
+        if not self.is_world_process_zero():
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model.config, "model_type", None) != "rmtkd":
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        return push_model(
+            model, self.hub_model_id or self.args.hub_model_id, token=token or self.args.hub_token,
+            private=self.args.hub_private_repo if private is None else private, revision=revision,
+            commit_message=commit_message or "End of training", report=self.rmtkd_report,
+            rmtkd_log=self.rmtkd_log or None, tokenizer=self.processing_class,
+            card_kwargs={**self._card_kwargs(), "datasets": kwargs.get("dataset_tags")},
+        )
 
     def _latest_round(self) -> Path | None:
         rounds = [p for p in Path(self.args.output_dir).glob(f"{ROUND_PREFIX}*") if (p / STATE_FILE).exists()]
@@ -403,7 +463,10 @@ class RMTKDTrainer(Trainer):
             raise FileNotFoundError(f"{path} is not an RMT-KD round checkpoint (no {STATE_FILE}).")
         state = json.loads((path / STATE_FILE).read_text())
         base = base_of(self.model)
-        cls = rmtkd_class_for(base) if isinstance(base, PreTrainedModel) else type(self.model)
+        saved_type = json.loads((path / "config.json").read_text()).get("model_type")
+        # A run whose cuts were all rolled back saved the plain model; otherwise rebuild the reduced architecture
+        # from the checkpoint's config before its weights are loaded.
+        cls = rmtkd_class_for(base) if saved_type == "rmtkd" else type(base)
         model = cls.from_pretrained(str(path))
         self.model = self.model_wrapped = model.to(self.args.device)
         logger.info(f"Resumed RMT-KD at round {state['round']} from {path}.")

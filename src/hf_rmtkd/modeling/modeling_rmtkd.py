@@ -29,6 +29,10 @@ from .configuration_rmtkd import RMTKDConfig
 from .layers_rmtkd import ModulePathError, apply_reduction_map
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors are missing, unexpected or misshaped for its RMT-KD config."""
+
+
 class RMTKDPreTrainedModel(PreTrainedModel):
     """Base of the RMT-KD model classes: builds ``self.model`` (the reduced base model) from an :class:`RMTKDConfig`.
 
@@ -103,24 +107,42 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         return wrapper.train(base_model.training)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, but a tensor whose shape disagrees with the config is an error.
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained``, but weights that do not match the config are an error.
 
-        transformers re-initialises mismatched tensors when ``ignore_mismatched_sizes=True`` and otherwise raises
-        without naming them; for a reduced model a mismatch means the config and weights come from different cuts,
-        so we raise and name the tensors (unless the caller explicitly asks to ignore mismatches).
+        transformers re-initialises missing or mismatched tensors (with a warning) and drops unexpected ones; for a
+        reduced model any of these means the config and the weights come from different cuts, or the file is damaged,
+        so we raise `CheckpointMismatchError` naming the tensors. ``strict=False`` (or ``ignore_mismatched_sizes=True``
+        for shapes) restores transformers' lenient behaviour.
         """
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
-        if info["mismatched_keys"] and not ignore_mismatched_sizes:
-            details = "; ".join(
-                f"'{name}': checkpoint {tuple(ckpt)} vs config {tuple(expected)}"
-                for name, ckpt, expected in sorted(info["mismatched_keys"])
+        try:
+            model, info = super().from_pretrained(
+                *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
             )
-            raise ValueError(
-                f"Checkpoint tensors disagree with the shapes its RMT-KD config (reductions) implies: {details}. "
-                "The weights and config.json do not belong together."
+        except Exception as err:
+            # safetensors reports a truncated file as "incomplete metadata"; say which checkpoint is damaged.
+            if type(err).__name__ == "SafetensorError":
+                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+                raise CheckpointMismatchError(
+                    f"The weights of '{where}' cannot be read ({err}): the safetensors file is truncated or damaged."
+                ) from err
+            raise
+        problems = []
+        if info["mismatched_keys"] and not ignore_mismatched_sizes:
+            problems.append("shapes differ from what the config's reductions imply: " + "; ".join(
+                f"'{name}' checkpoint {tuple(ckpt)} vs config {tuple(expected)}"
+                for name, ckpt, expected in sorted(info["mismatched_keys"])
+            ))
+        if strict and info["missing_keys"]:
+            problems.append(f"missing tensors: {sorted(info['missing_keys'])}")
+        if strict and info["unexpected_keys"]:
+            problems.append(f"unexpected tensors: {sorted(info['unexpected_keys'])}")
+        if problems:
+            raise CheckpointMismatchError(
+                f"The checkpoint's weights do not match its RMT-KD config ({'; '.join(problems)}). The weights and "
+                "config.json do not belong together, or the weights file is damaged."
             )
         return (model, info) if output_loading_info else model
 
