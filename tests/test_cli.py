@@ -86,3 +86,74 @@ def test_analyze_missing_column_is_a_one_line_error(tiny, tmp_path, capsys):
     assert status == 2
     error = capsys.readouterr().err
     assert "no column 'text'" in error and "'review'" in error and "--text-column" in error
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny):
+    """The tiny BERT as a 2-class sequence classifier, saved with its tokenizer."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny / "model", num_labels=2)
+    model.save_pretrained(tiny / "classifier")
+    BertTokenizerFast.from_pretrained(tiny / "model").save_pretrained(tiny / "classifier")
+    return tiny / "classifier"
+
+
+def test_compress_bench_and_push_end_to_end(tiny, tiny_classifier, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    status = main(["compress", "--model", str(tiny_classifier), "--dataset", str(tiny / "reviews.csv"),
+                   "--text_column", "review", "--label_column", "sentiment", "--output_dir", str(out),
+                   "--max_rounds", "1", "--sites_per_round", "2", "--distillation_steps_per_round", "2",
+                   "--min_rank", "2", "--max_metric_drop", "1.0", "--report_to", "none", "--save_strategy", "no",
+                   "--use_cpu", "--disable_tqdm", "True", "--per_device_train_batch_size", "16"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "Parameters:" in printed and "Checkpoint:" in printed
+    checkpoint = out / "compressed"
+    for name in ("config.json", "model.safetensors", "modeling_rmtkd.py", "README.md", "training_args.json",
+                 "tokenizer.json"):
+        assert (checkpoint / name).is_file(), name
+
+    results = tmp_path / "bench.json"
+    status = main(["bench", "--original", str(tiny_classifier), "--compressed", str(checkpoint), "--runs", "3",
+                   "--batch-size", "4", "--seq-len", "8", "--dataset", str(tiny / "reviews.csv"),
+                   "--text-column", "review", "--label-column", "sentiment", "--out",
+                   str(results)])
+    assert status == 0
+    import json
+
+    bench = json.loads(results.read_text())
+    assert bench["parameters"]["compressed"] < bench["parameters"]["original"]
+    assert bench["flops"]["ratio"] > 1 and len(bench["speed"]) == 2 and 0 <= bench["accuracy"][1] <= 1
+    assert "parameters" in capsys.readouterr().out
+
+    uploaded = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return repo_id
+
+        def upload_folder(self, *, folder_path, repo_id, **kwargs):
+            uploaded.update({p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).rglob("*")
+                             if p.is_file()})
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setenv("HF_TOKEN", "hf_cli_secret_token_7")
+    monkeypatch.setattr("hf_rmtkd.hub.HfApi", FakeApi)
+    assert main(["push", "--checkpoint", str(checkpoint), "--repo-id", "me/tiny-rmtkd"]) == 0
+    assert "README.md" in uploaded and "model.safetensors" in uploaded
+    assert all(b"hf_cli_secret_token_7" not in content for content in uploaded.values())
+
+
+def test_every_training_argument_is_a_compress_option(capsys):
+    from dataclasses import fields
+
+    from hf_rmtkd import RMTKDTrainingArguments
+
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = capsys.readouterr().out
+    for field in fields(RMTKDTrainingArguments):
+        if field.init and not field.name.startswith("_"):
+            assert f"--{field.name}" in text, field.name

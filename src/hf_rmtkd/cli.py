@@ -158,11 +158,241 @@ def run_analyze(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# compress
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _model_option(parser, name: str = "--model", help: str = "") -> None:
+    parser.add_argument(name, required=True, help=help + f" ('{MINILM_SHORTCUT}': the offline all-MiniLM-L6-v2).")
+
+
+def _resolve_model(name: str) -> str:
+    from .data import minilm_path
+
+    return minilm_path() if name == MINILM_SHORTCUT else name
+
+
+def add_compress_parser(subparsers) -> None:
+    """Declare ``hf-rmtkd compress``: every `RMTKDTrainingArguments` field is an option."""
+    from .training_args import RMTKDTrainingArguments
+
+    parser = subparsers.add_parser(
+        "compress",
+        dataclass_types=[RMTKDTrainingArguments],
+        help="Compress a classifier end to end with RMT-KD rounds and self-distillation.",
+        description=(
+            "Load a trained classifier and a labelled dataset (text/label or image/label columns), run RMTKDTrainer "
+            "(calibrate, cut, distil, accept or roll back, round after round) and save the compressed checkpoint with "
+            "its model card, spectra and report in --output_dir/compressed. Every RMTKDTrainingArguments field "
+            "(including the transformers TrainingArguments) is an option."
+        ),
+    )
+    _model_option(parser, help="A trained classifier (folder or Hub id)")
+    parser.add_argument("--dataset", required=True, help="'rotten_tomatoes_offline', a local CSV/JSON/Parquet file, "
+                        "a save_to_disk folder, or a Hub name ('glue/sst2', 'ag_news', 'cifar10').")
+    parser.add_argument("--text_column", default="text", help="Column holding the text (text datasets).")
+    parser.add_argument("--image_column", default=None, help="Column holding images (image datasets); switches the "
+                        "input pipeline to the model's image processor.")
+    parser.add_argument("--label_column", default="label", help="Column holding the class label.")
+    parser.add_argument("--max_length", type=int, default=64, help="Truncation length of text inputs, in tokens.")
+    parser.add_argument("--test_split", default=None, help="Split to evaluate on; default: 'test', 'validation', or a "
+                        "stratified 20%% of the training split (seed 0) when there is neither.")
+    parser.set_defaults(run=run_compress)
+
+
+def _classification_data(args, model_path: str):
+    """(train, eval, processing class) for a text or image classification dataset."""
+    from .data import load_text_dataset, tokenize_dataset
+
+    if args.image_column is None:
+        from transformers import AutoTokenizer
+
+        dataset = load_text_dataset(args.dataset, text_column=args.text_column, label_column=args.label_column)
+        processor = AutoTokenizer.from_pretrained(model_path)
+        dataset = tokenize_dataset(dataset, processor, max_length=args.max_length)
+    else:
+        import datasets
+        from transformers import AutoImageProcessor
+
+        dataset = datasets.load_from_disk(args.dataset) if Path(args.dataset).is_dir() else \
+            datasets.load_dataset(args.dataset)
+        processor = AutoImageProcessor.from_pretrained(model_path)
+        for split in dataset.values():
+            for column in (args.image_column, args.label_column):
+                if column not in split.column_names:
+                    raise ValueError(f"Dataset '{args.dataset}' has no column '{column}'; its columns are "
+                                     f"{split.column_names}.")
+
+        def encode(batch):
+            return {"pixel_values": processor(batch[args.image_column], return_tensors="np")["pixel_values"],
+                    "labels": batch[args.label_column]}
+
+        dataset = dataset.map(encode, batched=True, remove_columns=dataset[next(iter(dataset))].column_names)
+    split = args.test_split or next((s for s in ("test", "validation") if s in dataset), None)
+    if split is None:
+        parts = dataset["train"].train_test_split(test_size=0.2, seed=0)
+        return parts["train"], parts["test"], processor
+    if split not in dataset:
+        raise ValueError(f"Dataset '{args.dataset}' has no split '{split}'; its splits are {list(dataset)}.")
+    return dataset["train"], dataset[split], processor
+
+
+def run_compress(args: argparse.Namespace) -> None:
+    """Load, compress with `RMTKDTrainer`, save with the card, print a before/after summary."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from . import RMTKDTrainer, RMTKDTrainingArguments
+    from .metrics import compute_accuracy
+
+    training_args = HfArgumentParser(RMTKDTrainingArguments).parse_dict(vars(args), allow_extra_keys=True)[0]
+    model_path = _resolve_model(args.model)
+    train, test, processor = _classification_data(args, model_path)
+    auto = AutoModelForSequenceClassification if args.image_column is None else AutoModelForImageClassification
+    model = auto.from_pretrained(model_path)
+    trainer = RMTKDTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
+                           processing_class=processor, compute_metrics=compute_accuracy)
+    before = model.num_parameters()
+    output = trainer.train()
+    destination = Path(training_args.output_dir) / "compressed"
+    trainer.save_model(str(destination))
+    after = trainer.model.num_parameters()
+    print(f"Parameters: {before:,} -> {after:,} ({after / before - 1:+.1%}); {trainer.rmtkd_stop_reason}.")
+    print(f"{trainer.metric_name}: {trainer.rmtkd_baseline:.4f} before, {trainer._metric():.4f} after "
+          f"({output.metrics['rmtkd_rounds']} rounds).")
+    print(f"Checkpoint: {destination}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_bench_parser(subparsers) -> None:
+    """Declare ``hf-rmtkd bench``."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="Compare a compressed model with its original: size, speed (measured alternately), FLOPs, accuracy.",
+        description="Parameters, safetensors size, batch-1 latency and batch-N throughput (both models timed "
+        "alternately in this process, medians), analytic FLOPs and, with --dataset, accuracy. Writes JSON with "
+        "--out and prints a table.",
+        formatter_class=HelpFormatter,
+    )
+    _model_option(parser, "--original", help="The uncompressed model (folder or Hub id)")
+    parser.add_argument("--compressed", required=True, help="The compressed checkpoint folder.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Batch size of the throughput measurement.")
+    parser.add_argument("--seq-len", type=int, default=64, help="Sequence length of text inputs.")
+    parser.add_argument("--runs", type=int, default=50, help="Timed runs per model and batch size (medians).")
+    parser.add_argument("--threads", type=int, default=None, help="Intra-op threads (default: torch's setting).")
+    parser.add_argument("--dataset", default=None, help="Optional labelled text dataset for accuracy (as compress).")
+    parser.add_argument("--text-column", default="text", help="Column of --dataset holding the text.")
+    parser.add_argument("--label-column", default="label", help="Column of --dataset holding the label.")
+    parser.add_argument("--max-eval-examples", type=int, default=1000, help="Examples of --dataset to evaluate.")
+    parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
+    parser.set_defaults(run=run_bench)
+
+
+def _accuracy(model, dataset, batch_size: int = 64) -> float:
+    import torch
+
+    from .calibration import iterate_batches
+
+    correct = 0
+    labels = torch.tensor(dataset["labels"])
+    predictions = []
+    with torch.inference_mode():
+        for batch in iterate_batches(model, dataset, batch_size=batch_size):
+            predictions.append(model(**batch).logits.argmax(-1))
+    correct = int((torch.cat(predictions) == labels).sum())
+    return correct / len(labels)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Measure and print the comparison."""
+    import json
+
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from .bench import compare_speed, comparison_table, count_flops, example_inputs, format_speed
+
+    original_path = _resolve_model(args.original)
+    config = json.loads((Path(args.compressed) / "config.json").read_text())
+    head = (config.get("architectures") or [""])[0]
+    auto = AutoModelForSequenceClassification if "SequenceClassification" in head else AutoModel
+    original = auto.from_pretrained(original_path).eval()
+    compressed = auto.from_pretrained(args.compressed).eval()
+    speeds = []
+    for batch_size in tqdm((1, args.batch_size), desc="Timing", unit="batch size"):
+        speeds.append(compare_speed(original, compressed, batch_size=batch_size, seq_len=args.seq_len,
+                                    runs=args.runs, threads=args.threads))
+    inputs = example_inputs(original, args.batch_size, args.seq_len)
+    flops = (count_flops(original, inputs), count_flops(compressed, inputs))
+    metrics = {}
+    if args.dataset:
+        from transformers import AutoTokenizer
+
+        from .data import load_text_dataset, tokenize_dataset
+
+        tokenizer = AutoTokenizer.from_pretrained(original_path)
+        data = load_text_dataset(args.dataset, text_column=args.text_column, label_column=args.label_column)
+        split = "test" if "test" in data else next(iter(data))
+        data = tokenize_dataset(data[split], tokenizer, max_length=args.seq_len)
+        data = data.select(range(min(len(data), args.max_eval_examples)))
+        metrics["accuracy"] = (_accuracy(original, data), _accuracy(compressed, data))
+    print(comparison_table(original, compressed, metrics=metrics, speeds=speeds, flops=flops,
+                           flops_shape=f"batch {args.batch_size} x {args.seq_len}",
+                           directories=(original_path, args.compressed)))
+    for result in speeds:
+        print(format_speed(result))
+    if args.out:
+        from .utils import write_text_atomic
+
+        result = {"original": str(args.original), "compressed": str(args.compressed), "speed": speeds,
+                  "flops": {"original": flops[0], "compressed": flops[1], "ratio": flops[0] / flops[1]},
+                  "parameters": {"original": original.num_parameters(), "compressed": compressed.num_parameters()},
+                  "accuracy": metrics.get("accuracy")}
+        write_text_atomic(args.out, json.dumps(result, indent=2))
+        print(f"Results: {args.out}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# push
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_push_parser(subparsers) -> None:
+    """Declare ``hf-rmtkd push``."""
+    parser = subparsers.add_parser(
+        "push",
+        help="Push a saved RMT-KD checkpoint (weights, code, card, spectra, report) to the Hugging Face Hub.",
+        description="Upload a checkpoint folder written by RMTKDTrainer.save_model, hf_rmtkd.save_rmtkd_checkpoint or "
+        "hf-rmtkd compress. The token comes from huggingface_hub (HF_TOKEN or `hf auth login`) and is never written.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="The checkpoint folder.")
+    parser.add_argument("--repo-id", required=True, help="The model repo, 'owner/name' (created if missing).")
+    parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    parser.add_argument("--revision", default=None, help="Branch to push to.")
+    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
+    parser.add_argument("--commit-message", default="Upload RMT-KD compressed model", help="The commit message.")
+    parser.set_defaults(run=run_push)
+
+
+def run_push(args: argparse.Namespace) -> None:
+    """Push the folder and print the commit URL."""
+    from .hub import push_rmtkd_checkpoint
+
+    url = push_rmtkd_checkpoint(args.checkpoint, args.repo_id, private=args.private or None, revision=args.revision,
+                                create_pr=args.create_pr, commit_message=args.commit_message)
+    print(f"Pushed: {url}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------------
 
 # One line per subcommand: the function that declares its parser (it sets `run` as the parser's default).
-SUBCOMMANDS: list[Callable] = [add_analyze_parser]
+SUBCOMMANDS: list[Callable] = [add_analyze_parser, add_compress_parser, add_bench_parser, add_push_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from .spectrum import CovarianceAccumulator, OutlierCount, count_outliers
+from .utils import write_text_atomic
 
 __all__ = ["SiteSpectrum", "SpectralReport"]
 
@@ -210,20 +210,8 @@ class SpectralReport:
         Returns:
             The path written.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Same folder, so os.replace is a rename on one file system: readers never see a half-written report.
-        # (A plain exclusive open rather than mkstemp, whose 0600 mode would make the report private.)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=1, default=_jsonable)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        text = json.dumps(self.to_dict(), indent=1, default=_jsonable) + "\n"
+        return write_text_atomic(path, text)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> SpectralReport:

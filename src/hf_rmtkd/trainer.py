@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import plan_reductions
 from .training_args import RMTKDTrainingArguments
+from .utils import write_text_atomic
 
 __all__ = ["RMTKDTrainer"]
 
@@ -54,12 +54,7 @@ ROUND_PREFIX = "rmtkd-round-"
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 class RMTKDTrainer(Trainer):
@@ -413,14 +408,14 @@ class RMTKDTrainer(Trainer):
         if getattr(model.config, "model_type", None) != "rmtkd":  # nothing was cut: a plain transformers checkpoint
             super().save_model(str(output), _internal_call=True)
             (output / "training_args.bin").unlink(missing_ok=True)
-            (output / "training_args.json").write_text(self.args.to_json_string())
+            write_text_atomic(output / "training_args.json", self.args.to_json_string())
             return
         shared = output.exists() and any(p.name.startswith(ROUND_PREFIX) or p.name.startswith("checkpoint-")
                                          for p in output.iterdir())
         target = output.with_name(f".{output.name}.save-{os.getpid()}") if shared else output
         save_rmtkd_checkpoint(model, target, report=report, rmtkd_log=self.rmtkd_log or None,
                               card_kwargs=self._card_kwargs(), tokenizer=self.processing_class)
-        (target / "training_args.json").write_text(self.args.to_json_string())
+        write_text_atomic(target / "training_args.json", self.args.to_json_string())
         if shared:
             for item in target.iterdir():
                 destination = output / item.name
