@@ -105,3 +105,19 @@ def test_trainer_compresses_within_allowed_drop_and_reloads(case, tmp_path):
     with torch.no_grad():
         expected = trainer.model.eval()(**batch).logits
         torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_and_gradient_accumulation(tmp_path):
+    """CPU bf16 autocast and gradient accumulation run through a round; calibration statistics stay float64."""
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "bf16"), bf16=True, gradient_accumulation_steps=2, max_rounds=1,
+        sites_per_round=2, distillation_steps_per_round=4, min_rank=2, max_metric_drop=0.2,
+    )
+    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+    measurements = trainer._measure()
+    assert all(m.statistics.sum_outer.dtype == torch.float64 for m in measurements)
+    trainer.train()
+    entry = trainer.rmtkd_log[0]
+    assert entry["accepted"], entry
+    assert trainer.model.num_parameters() == entry["params"] < entry["params_before"]
