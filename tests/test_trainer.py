@@ -121,3 +121,26 @@ def test_bf16_autocast_and_gradient_accumulation(tmp_path):
     entry = trainer.rmtkd_log[0]
     assert entry["accepted"], entry
     assert trainer.model.num_parameters() == entry["params"] < entry["params_before"]
+
+
+def test_peft_model_is_merged_and_lora_recovery_merges_back(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+    peft_model = get_peft_model(teacher, LoraConfig(r=2, target_modules=["query", "value"]))
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "lora"), max_rounds=1, sites_per_round=2, distillation_steps_per_round=4,
+        min_rank=2, max_metric_drop=0.2, lora_recovery=True, lora_r=4,
+    )
+    trainer = RMTKDTrainer(model=peft_model, args=args, train_dataset=train, eval_dataset=test,
+                           compute_metrics=metrics)
+    assert not isinstance(trainer.model, PeftModel)  # merged before anything is measured
+    trainer.train()
+    assert trainer.rmtkd_log[0]["accepted"]
+    names = [name for name, _ in trainer.model.named_modules()]
+    assert not any("lora" in name for name in names)  # the recovery adapters were merged back
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    batch = {k: torch.tensor(v) for k, v in test[:4].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trainer.model.eval()(**batch).logits)
