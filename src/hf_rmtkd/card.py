@@ -253,8 +253,12 @@ def _unique(items: list[str]) -> list[str]:
 
 def _base_parameters(model: RMTKDPreTrainedModel) -> int:
     """Parameters of the uncompressed base architecture, counted on the meta device (no memory, no init)."""
+    config = model.config.base_model_config()
+    # The wrapper's config carries the wrapper's attention implementation (sdpa), which e.g. ResNet rejects: build
+    # the skeleton with the one the in-memory base model actually uses.
+    config._attn_implementation = getattr(model.model.config, "_attn_implementation", None)
     with torch.device("meta"):
-        skeleton = type(model).base_auto_class.from_config(model.config.base_model_config())
+        skeleton = type(model).base_auto_class.from_config(config)
     return skeleton.num_parameters()
 
 
