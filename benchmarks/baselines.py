@@ -1,0 +1,348 @@
+"""The compression baselines RMT-KD is compared with, and the distillation every distilled row shares.
+
+Each baseline returns a model of (nearly) the RMT-KD model's total parameter count, so that rows compare accuracy at
+matched size; the knob that sets the size (a rank, an energy threshold) is searched on parameter counts alone, never
+on accuracy, so no test data is involved:
+
+- `svd_uniform`: every encoder Linear (and the token embedding) factored from its own weight SVD at one rank r
+  (`svd_rank_ratio` does the same for convolutions, at one fraction of their input channels);
+- `pca_energy`: the RMT-KD machinery with the Marchenko-Pastur edge replaced by "keep the fewest directions holding
+  a fraction of the variance" at every site, from the same calibration statistics;
+- `layer_drop`: keep every other encoder layer (DistilBERT-style initialisation from the teacher's layers), with the
+  token embedding factored by SVD to reach the matched size;
+- `rmtkd_without_distillation`: RMT-KD's rounds of calibrate, plan, cut with no distillation in between (the
+  ablation of the "KD" in RMT-KD).
+
+`distil` trains any of them with RMT-KD's own loss, ``α·CE + (1−α)·T²·KL(teacher ‖ student)``, for a given number of
+steps, so every distilled row gets the same budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from hf_rmtkd.architectures import find_sites
+from hf_rmtkd.calibration import collect_statistics, measure_sites
+from hf_rmtkd.cut import apply_plan
+from hf_rmtkd.distillation import distillation_loss
+from hf_rmtkd.modeling import rmtkd_class_for
+from hf_rmtkd.plan import plan_reductions
+from hf_rmtkd.reductions import apply_embedding, apply_low_rank, embedding_parameters, low_rank_parameters
+
+__all__ = [
+    "KDTrainer",
+    "distil",
+    "energy_rank",
+    "layer_drop",
+    "layer_drop_params",
+    "match_parameter",
+    "pca_energy",
+    "pca_energy_params",
+    "rmtkd_without_distillation",
+    "svd_rank_ratio",
+    "svd_rank_ratio_params",
+    "svd_uniform",
+    "svd_uniform_params",
+    "wrap",
+]
+
+
+def wrap(base: nn.Module, reductions: dict) -> nn.Module:
+    """Wrap a reduced base model as an RMTKD model (so it saves and reloads like RMT-KD's own output)."""
+    return rmtkd_class_for(base).from_base(base, reductions) if reductions else base
+
+
+def match_parameter(count: Callable[[float], int], target: int, low: float, high: float, *, integer: bool,
+                    steps: int = 40) -> float:
+    """Bisect a size knob x in [low, high] so that ``count(x)`` (non-decreasing in x) is closest to ``target``.
+
+    Only parameter counts are looked at, never a metric: matching sizes must not peek at accuracy.
+
+    Returns:
+        The x whose count is closest to ``target`` among the bracketing values found.
+    """
+    lo, hi = low, high
+    for _ in range(steps):
+        if (integer and hi - lo <= 1) or (not integer and hi - lo < 1e-6):
+            break
+        mid = (lo + hi) // 2 if integer else (lo + hi) / 2
+        if count(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return min((lo, hi), key=lambda x: abs(count(x) - target))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Truncated weight SVD
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _right_singular_vectors(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` right singular vectors of a (rows, d_in) matrix, as (rank, d_in) orthonormal rows."""
+    _, _, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    return vh[:rank]
+
+
+def _encoder_linears(model: nn.Module) -> list[str]:
+    """Paths of every ``nn.Linear`` inside the encoder blocks (attention, FFN), i.e. the sites RMT-KD may cut."""
+    return [path for path, module in model.named_modules() if isinstance(module, nn.Linear) and ".encoder." in
+            f".{path}"]
+
+
+def _embedding_path(model: nn.Module) -> str:
+    return next(path for path, m in model.named_modules() if path.endswith("word_embeddings"))
+
+
+def _linear_params(layer: nn.Linear) -> int:
+    return layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
+
+
+def _svd_linear_ranks(model: nn.Module, rank: int) -> list[str]:
+    """The encoder Linears that a rank-``rank`` factorisation makes smaller (the others stay dense)."""
+    return [path for path in _encoder_linears(model)
+            if low_rank_parameters(model.get_submodule(path).in_features, model.get_submodule(path).out_features,
+                                   rank) < _linear_params(model.get_submodule(path))]
+
+
+def _embedding_saving(model: nn.Module, rank: int) -> int:
+    vocab, dim = model.get_submodule(_embedding_path(model)).weight.shape
+    return vocab * dim - embedding_parameters(vocab, dim, rank)
+
+
+def svd_uniform_params(teacher: nn.Module, rank: int, *, embedding: bool = True) -> int:
+    """The parameter count `svd_uniform` reaches at ``rank``, computed without any SVD."""
+    saved = sum(_linear_params(teacher.get_submodule(p)) - low_rank_parameters(
+        teacher.get_submodule(p).in_features, teacher.get_submodule(p).out_features, rank)
+        for p in _svd_linear_ranks(teacher, rank))
+    return teacher.num_parameters() - saved - (_embedding_saving(teacher, rank) if embedding else 0)
+
+
+def svd_uniform(teacher: nn.Module, rank: int, *, embedding: bool = True) -> nn.Module:
+    """Truncated weight SVD at one rank: ``W ≈ (W V_rᵀ) V_r`` for every encoder Linear and the token embedding.
+
+    ``V_r`` (the top-r right singular vectors of W) plays the projection of `apply_low_rank`, so the factors are
+    exactly the rank-r truncated SVD, stored in the same modules as RMT-KD's low-rank cuts. A layer whose
+    factorisation would not save parameters at this rank is left dense.
+
+    Args:
+        teacher: a BERT-family sequence classifier (not modified).
+        rank: r, the same for every layer.
+        embedding: also factor the token embedding (it holds half of MiniLM's parameters, so a size match with a
+            model whose embedding RMT-KD factored is impossible without it).
+
+    Returns:
+        The factored model, wrapped as an RMTKD model.
+    """
+    model = copy.deepcopy(teacher)
+    entries = {}
+    for path in _svd_linear_ranks(model, rank):
+        apply_low_rank(model, path, _right_singular_vectors(model.get_submodule(path).weight, rank))
+        entries[path] = {"kind": "low_rank", "rank": rank}
+    if embedding:
+        path = _embedding_path(model)
+        apply_embedding(model, path, _right_singular_vectors(model.get_submodule(path).weight, rank))
+        entries[path] = {"kind": "embedding", "rank": rank}
+    return wrap(model, entries)
+
+
+def _conv_ranks(model: nn.Module, ratio: float) -> dict[str, int]:
+    """``{path: rank}`` of the encoder convolutions that a factorisation at ``ceil(ratio·c_in)`` makes smaller."""
+    ranks = {}
+    for path, conv in model.named_modules():
+        if not isinstance(conv, nn.Conv2d) or ".encoder." not in f".{path}" or conv.groups != 1:
+            continue
+        c_out, c_in, kh, kw = conv.weight.shape
+        rank = max(1, math.ceil(ratio * c_in))
+        if rank * c_in + rank * c_out * kh * kw + c_out < conv.weight.numel():
+            ranks[path] = rank
+    return ranks
+
+
+def svd_rank_ratio_params(teacher: nn.Module, ratio: float) -> int:
+    """The parameter count `svd_rank_ratio` reaches at ``ratio``, computed without any SVD."""
+    total = teacher.num_parameters()
+    for path, rank in _conv_ranks(teacher, ratio).items():
+        c_out, c_in, kh, kw = teacher.get_submodule(path).weight.shape
+        total -= teacher.get_submodule(path).weight.numel() - (rank * c_in + rank * c_out * kh * kw + c_out)
+    return total
+
+
+def svd_rank_ratio(teacher: nn.Module, ratio: float) -> nn.Module:
+    """Truncated SVD of every encoder convolution, along its input channels, at one fraction of them.
+
+    A conv weight (c_out, c_in, kh, kw) is unfolded to (c_out·kh·kw, c_in); its top right singular vectors give the
+    1×1 down-projection of `apply_low_rank` (a rank-r truncation of that unfolding). Convolution widths differ by
+    stage, so the uniform knob is the kept fraction ``ceil(ratio·c_in)``, not an absolute rank. Convolutions whose
+    factorisation would not save parameters are left dense.
+    """
+    model = copy.deepcopy(teacher)
+    entries = {}
+    for path, rank in _conv_ranks(model, ratio).items():
+        conv = model.get_submodule(path)
+        unfolded = conv.weight.detach().permute(0, 2, 3, 1).reshape(-1, conv.in_channels)
+        apply_low_rank(model, path, _right_singular_vectors(unfolded, rank))
+        entries[path] = {"kind": "low_rank", "rank": rank}
+    return wrap(model, entries)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Activation PCA at a fixed energy threshold
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def energy_rank(eigenvalues: torch.Tensor, threshold: float) -> int:
+    """The fewest leading eigen-directions whose eigenvalues hold ``threshold`` of the total variance."""
+    lam = eigenvalues.clamp_min(0).to(torch.float64)
+    cumulative = torch.cumsum(lam, 0) / lam.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return int(min(lam.numel(), int((cumulative < threshold).sum()) + 1))
+
+
+def _with_energy_ranks(measurements, threshold: float):
+    """Copies of the measurements whose outlier count k is the energy rank (eigenvectors, once computed, shared)."""
+    changed = []
+    for m in measurements:
+        twin = copy.copy(m)  # shallow: statistics and cached eigenvectors are shared, not recomputed
+        twin.outliers = replace(m.outliers, k=energy_rank(m.eigenvalues, threshold))
+        changed.append(twin)
+    return changed
+
+
+def pca_energy(teacher: nn.Module, measurements, threshold: float, *, kinds, min_rank: int,
+               ffn_method: str = "select") -> nn.Module:
+    """Cut every site of ``teacher`` to its energy rank at ``threshold``, with RMT-KD's own planner and surgery.
+
+    Args:
+        teacher: the model the measurements were taken on (not modified).
+        measurements: `hf_rmtkd.calibration.measure_sites` output for ``teacher``.
+        threshold: the fraction of variance each site keeps, in (0, 1].
+        kinds, min_rank, ffn_method: as for `hf_rmtkd.compress`.
+    """
+    model = copy.deepcopy(teacher)
+    ranked = _with_energy_ranks(measurements, threshold)
+    plan = plan_reductions(ranked, model, kinds=kinds, min_rank=min_rank)
+    return wrap(model, apply_plan(model, plan, ranked, ffn_method=ffn_method))
+
+
+def pca_energy_params(teacher: nn.Module, measurements, threshold: float, *, kinds, min_rank: int) -> int:
+    """The parameter count `pca_energy` would reach at ``threshold``, from the plan alone (no surgery)."""
+    plan = plan_reductions(_with_energy_ranks(measurements, threshold), teacher, kinds=kinds, min_rank=min_rank)
+    return teacher.num_parameters() - plan.params_saved
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layer dropping
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _kept_layers(encoder: nn.Module) -> list[nn.Module]:
+    return [layer for index, layer in enumerate(encoder.layer) if index % 2 == 0]
+
+
+def layer_drop_params(teacher: nn.Module, embedding_rank: int | None = None) -> int:
+    """The parameter count `layer_drop` reaches, computed without copying or factoring anything."""
+    dropped = [layer for index, layer in enumerate(teacher.base_model.encoder.layer) if index % 2 == 1]
+    total = teacher.num_parameters() - sum(p.numel() for layer in dropped for p in layer.parameters())
+    return total - (_embedding_saving(teacher, embedding_rank) if embedding_rank is not None else 0)
+
+
+def layer_drop(teacher: nn.Module, embedding_rank: int | None = None) -> nn.Module:
+    """Keep encoder layers 0, 2, 4, ... of a BERT-family model, initialised from the teacher's (as DistilBERT did).
+
+    Args:
+        teacher: a BERT-family model with ``<base>.encoder.layer`` (not modified).
+        embedding_rank: when set, also factor the token embedding by truncated SVD at this rank (to reach a
+            matched parameter count; dropping layers alone cannot shrink an embedding-heavy model far enough).
+    """
+    model = copy.deepcopy(teacher)
+    encoder = model.base_model.encoder
+    encoder.layer = nn.ModuleList(_kept_layers(encoder))
+    model.config.num_hidden_layers = len(encoder.layer)
+    entries = {}
+    if embedding_rank is not None:
+        path = _embedding_path(model)
+        apply_embedding(model, path, _right_singular_vectors(model.get_submodule(path).weight, embedding_rank))
+        entries[path] = {"kind": "embedding", "rank": embedding_rank}
+    return wrap(model, entries)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RMT-KD's rounds without the distillation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rmtkd_without_distillation(teacher: nn.Module, calibration, *, rounds: int, sites_per_round: int, kinds,
+                               min_rank: int, quantile: float = 0.5, exclude=(), ffn_method: str = "select",
+                               batch_size: int = 64) -> nn.Module:
+    """Repeat RMT-KD's round structure (calibrate the current model, cut the next sites) with no training at all.
+
+    Args:
+        teacher: the model to cut (not modified).
+        calibration: calibration data (a tokenized `Dataset` without labels, or pixel values).
+        rounds: the number of rounds the distilled run accepted.
+        sites_per_round: sites cut per round, as in that run.
+        kinds, min_rank, quantile, ffn_method: the run's reduction settings.
+        exclude: sites the run rolled back (never cut).
+    """
+    model = copy.deepcopy(teacher)
+    entries: dict = {}
+    for _ in range(rounds):
+        sites = find_sites(model)
+        statistics = collect_statistics(model, calibration, sites, batch_size=batch_size, progress=False)
+        measurements = measure_sites(statistics, sites, quantile=quantile)
+        plan = plan_reductions(measurements, model, kinds=kinds, min_rank=min_rank, max_sites=sites_per_round,
+                               exclude=set(exclude))
+        if not plan.cuts:
+            break
+        entries.update(apply_plan(model, plan, measurements, ffn_method=ffn_method))
+    return wrap(model, entries)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distillation with RMT-KD's loss
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class KDTrainer(Trainer):
+    """A `Trainer` whose loss is RMT-KD's ``α·CE + (1−α)·T²·KL(teacher ‖ student)`` against a frozen teacher."""
+
+    def __init__(self, *args, teacher: nn.Module, alpha: float = 0.7, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()  # used under no_grad only; its requires_grad flags stay as they are
+        self.alpha, self.temperature = alpha, temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**features)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**features).logits
+        # Per-batch mean (no gradient accumulation here), as RMTKDTrainer's loss is with one accumulation step.
+        loss, _, _ = distillation_loss(outputs.logits, teacher_logits, labels, alpha=self.alpha,
+                                       temperature=self.temperature)
+        return (loss, outputs) if return_outputs else loss
+
+
+def distil(student: nn.Module, teacher: nn.Module, train_dataset, *, steps: int, args: TrainingArguments,
+           data_collator=None) -> nn.Module:
+    """Distil ``student`` from ``teacher`` for exactly ``steps`` optimizer steps (returns the student, trained).
+
+    ``args`` supplies the learning rate, batch size, seed and schedule shared with the RMT-KD run; ``max_steps`` is
+    overridden by ``steps``.
+    """
+    if steps <= 0:
+        return student
+    run_args = copy.deepcopy(args)
+    run_args.max_steps = steps
+    run_args.save_strategy = "no"
+    trainer = KDTrainer(model=student, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
+                        teacher=teacher)
+    trainer.train()
+    return trainer.model

@@ -1,0 +1,109 @@
+"""Shared pieces of the benchmarks: evaluation, the RMT-KD run, row bookkeeping and the environment record."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import torch
+from measure import measure_row, rapl_files, timed
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+import hf_rmtkd
+from hf_rmtkd.bench import cpu_name
+from hf_rmtkd.metrics import compute_accuracy
+
+__all__ = ["environment", "evaluate_accuracy", "finish_row", "run_rmtkd"]
+
+PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "numpy", "psutil")
+
+
+def environment(seeds: list[int]) -> dict:
+    """Command, package versions, CPU, threads and seeds: what a reader needs to reproduce or discount a number."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            versions[name] = getattr(sys.modules.get(name), "__version__", "unknown")
+    return {
+        "command": "python " + " ".join(["benchmarks/run.py", *sys.argv[1:]]),
+        "python": platform.python_version(),
+        "versions": versions,
+        "cpu": cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+        "rapl": "available" if rapl_files() else "unavailable (no readable /sys/class/powercap/intel-rapl*)",
+        "seeds": seeds,
+    }
+
+
+def evaluate_accuracy(model: nn.Module, dataset, *, collator=None, batch_size: int = 64) -> float:
+    """Accuracy of the arg-max prediction of ``model`` on ``dataset`` (which has a ``labels`` column)."""
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-eval-"), per_device_eval_batch_size=batch_size,
+                             report_to=[], disable_tqdm=True, use_cpu=True)
+    try:
+        output = Trainer(model=model, args=args, data_collator=collator).predict(dataset)
+    finally:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    return float((np.argmax(logits, -1) == output.label_ids).mean())
+
+
+def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, train, validation, calibration,
+              collator=None) -> tuple[nn.Module, dict]:
+    """Compress a copy of ``teacher`` with `hf_rmtkd.RMTKDTrainer` and return the model and what the run did.
+
+    Returns:
+        ``(model, info)`` with ``info``: ``distillation_steps`` (steps actually trained, all rounds),
+        ``accepted_rounds``, ``rolled_back_sites``, ``stop_reason`` and the per-round ``log``.
+    """
+    trainer = hf_rmtkd.RMTKDTrainer(
+        model=copy.deepcopy(teacher), args=args, train_dataset=train, eval_dataset=validation,
+        calibration_dataset=calibration, data_collator=collator, compute_metrics=compute_accuracy,
+    )
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(args.output_dir, ignore_errors=True)  # round checkpoints: not needed once the run is over
+    log = trainer.rmtkd_log
+    info = {
+        "distillation_steps": len(log) * args.distillation_steps_per_round,
+        "accepted_rounds": sum(entry["accepted"] for entry in log),
+        "rolled_back_sites": sorted(site for entry in log if not entry["accepted"] for site in entry["sites"]),
+        "stop_reason": trainer.rmtkd_stop_reason,
+        "log": log,
+    }
+    return trainer.model.eval(), info
+
+
+def finish_row(name: str, teacher: nn.Module, compress, *, test, collator, inputs, seq_len, runs_b32: int,
+               runs_b1: int, notes: str = "", extra: dict | None = None) -> tuple[nn.Module, dict]:
+    """Compress (timed, memory sampled), evaluate on the test split and measure one row; print a one-line summary.
+
+    Args:
+        name: the row name.
+        teacher: the uncompressed model (speed and FLOP reference).
+        compress: ``() -> model`` or ``() -> (model, info)``; its wall time and peak memory are recorded.
+        test, collator: the evaluation split and its collator.
+        inputs, seq_len, runs_b32, runs_b1: as for `measure.measure_row`.
+        notes: how the row was made, for the result file.
+        extra: more fields for the row.
+    """
+    produced, seconds, memory = timed(compress)
+    model, info = produced if isinstance(produced, tuple) else (produced, {})
+    model.eval()
+    row = {"accuracy": evaluate_accuracy(model, test, collator=collator), "compression_seconds": round(seconds, 1),
+           **memory, **measure_row(teacher, model, inputs, seq_len=seq_len, runs_b32=runs_b32, runs_b1=runs_b1),
+           **info, **(extra or {}), "notes": notes}
+    print(f"[{name}] accuracy {row['accuracy']:.4f}, params {row['params']:,}, x{row['throughput_ratio_b32']:.2f} "
+          f"b32, x{row['latency_ratio_b1']:.2f} b1, flops x{row['flop_ratio']:.2f}, {seconds:.0f} s", flush=True)
+    return model, row

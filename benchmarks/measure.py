@@ -1,0 +1,153 @@
+"""What every benchmark row measures besides accuracy: size, speed, FLOPs, memory and energy.
+
+Speed follows the project's rule: the teacher and the row's model run alternately in this process
+(`hf_rmtkd.bench.compare_speed`), and the ratio is teacher time ÷ model time (above 1: the model is faster). The FLOP
+ratio, counted on the same batch, is the ceiling that ratio can approach.
+
+Memory is the peak resident set size (RSS) of the benchmark process while a row is being compressed, sampled every
+20 ms with psutil: it includes what the process already holds (teacher, data), so compare rows by their difference
+to ``rss_before_mb``. Energy comes from Intel RAPL counters when they are readable, else it is recorded as
+``"unavailable"``.
+"""
+
+from __future__ import annotations
+
+import glob
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from hf_rmtkd.bench import compare_speed, count_flops, parameter_count, safetensors_size
+
+__all__ = [
+    "MemorySampler", "checkpoint_bytes", "embedding_parameters", "energy_per_inference", "measure_row", "rapl_files",
+    "timed",
+]
+
+RAPL_GLOB = "/sys/class/powercap/intel-rapl*/energy_uj"
+
+
+class MemorySampler:
+    """Context manager recording the peak RSS of this process (MB) while its block runs."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.rss_before_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.process.memory_info().rss / 2**20)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> MemorySampler:
+        self.rss_before_mb = self.peak_mb = self.process.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def to_dict(self) -> dict:
+        return {"peak_rss_mb": round(self.peak_mb, 1), "rss_before_mb": round(self.rss_before_mb, 1),
+                "memory_method": "psutil RSS of the benchmark process, sampled every 20 ms during compression"}
+
+
+def rapl_files() -> list[str]:
+    """The readable RAPL energy counters (package domains); empty when RAPL is absent or not readable."""
+    readable = []
+    for path in sorted(glob.glob(RAPL_GLOB)):
+        try:
+            int(Path(path).read_text())
+            readable.append(path)
+        except (OSError, ValueError):
+            continue
+    return readable
+
+
+def energy_per_inference(model: nn.Module, batch: dict, runs: int = 20) -> float | str:
+    """Joules per forward pass of ``batch`` from RAPL package counters, or ``"unavailable"`` without RAPL.
+
+    The counters measure the whole CPU package, so on a shared machine the figure includes other processes' work.
+    """
+    files = rapl_files()
+    if not files:
+        return "unavailable"
+
+    def read() -> int:
+        return sum(int(Path(path).read_text()) for path in files)
+
+    model.eval()
+    with torch.inference_mode():
+        model(**batch)
+        start = read()
+        for _ in range(runs):
+            model(**batch)
+        used = read() - start  # a counter wrap-around in this window would make this negative: reported as is
+    return used / 1e6 / runs
+
+
+def embedding_parameters(model: nn.Module) -> int:
+    """Parameters of the embedding layers (token, position, type embeddings and their norm, factored or not)."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".embeddings." in f".{name}")
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Bytes of the ``.safetensors`` files ``model.save_pretrained`` writes (saved to a temporary folder)."""
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        return safetensors_size(directory)
+
+
+def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int], dict], *, seq_len: int | None,
+                runs_b32: int, runs_b1: int, warmup: int = 3) -> dict:
+    """Size, speed, FLOPs and energy of ``model`` against ``teacher``.
+
+    Args:
+        teacher: the uncompressed model.
+        model: the row's model.
+        inputs: ``(batch_size, seq_len) -> batch`` for both models.
+        seq_len: sequence length of text batches (None for images).
+        runs_b32, runs_b1: timed alternating rounds at batch 32 (throughput) and batch 1 (latency).
+        warmup: untimed rounds before each timing.
+    """
+    params = parameter_count(model)
+    size = checkpoint_bytes(model)
+    b32 = compare_speed(teacher, model, inputs, batch_size=32, seq_len=seq_len, runs=runs_b32, warmup=warmup)
+    b1 = compare_speed(teacher, model, inputs, batch_size=1, seq_len=seq_len, runs=runs_b1, warmup=warmup)
+    batch = inputs(32, seq_len)
+    flops_teacher, flops_model = count_flops(teacher, batch), count_flops(model, batch)
+    for timing in (b32, b1):
+        timing["original_iqr_s"], timing["compressed_iqr_s"] = list(timing["original_iqr_s"]), list(
+            timing["compressed_iqr_s"])
+    return {
+        "params": params,
+        "non_embedding_params": params - embedding_parameters(model),
+        "safetensors_bytes": size,
+        "throughput_ratio_b32": b32["speedup"],
+        "latency_ratio_b1": b1["speedup"],
+        "flop_ratio": flops_teacher / flops_model,
+        "flops_b32": flops_model,
+        "speed_vs_flop_ceiling_b32": b32["speedup"] / (flops_teacher / flops_model),
+        "energy_j_per_inference_b1": energy_per_inference(model, inputs(1, seq_len)),
+        "timing_b32": b32,
+        "timing_b1": b1,
+    }
+
+
+def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module, float, dict]:
+    """Run a compression ``fn`` and return its model, wall seconds and `MemorySampler` figures."""
+    with MemorySampler() as memory:
+        start = time.perf_counter()
+        model = fn()
+        seconds = time.perf_counter() - start
+    return model, seconds, memory.to_dict()

@@ -1,0 +1,251 @@
+"""Turn ``benchmarks/results/<name>.json`` into ``summary.json``, ``frontier.png`` and the README's Benchmarks section.
+
+``summary.json`` has one entry per benchmark, with exactly this schema (accuracies are fractions in [0, 1]; ratios are
+teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is None when only one seed ran)::
+
+    {"teacher": {"accuracy", "params"},
+     "rmtkd": {"accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio"},
+     "baselines": {"<name>": {"accuracy", "params"}}}
+
+Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything from the result files.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+__all__ = ["TARGETS", "regenerate", "summarize", "targets", "validate_summary"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION = "## Benchmarks"
+RMTKD_KEYS = ("accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio")
+# The issue's targets, per benchmark: largest accuracy loss (points), smallest parameter cut, smallest b32 speed-up.
+TARGETS = {
+    "minilm_rt": {"max_loss_points": 1.0, "min_param_cut": 0.80, "min_throughput_ratio_b32": 2.8},
+    "resnet_mnist": {"max_loss_points": 0.5, "min_param_cut": 0.50, "min_throughput_ratio_b32": None},
+}
+SPEED_SHARE_OF_FLOP_CEILING = 0.8
+
+
+def summarize(result: dict) -> dict:
+    """The summary entry (schema above) of one benchmark's result record."""
+    rows = result["rows"]
+    rmtkd = rows["rmtkd"]
+    accuracies = rmtkd.get("seed_accuracies") or [rmtkd["accuracy"]]
+    return {
+        "teacher": {"accuracy": rows["teacher"]["accuracy"], "params": rows["teacher"]["params"]},
+        "rmtkd": {
+            "accuracy": statistics.fmean(accuracies),
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "params": rmtkd["params"],
+            "throughput_ratio_b32": rmtkd["throughput_ratio_b32"],
+            "latency_ratio_b1": rmtkd["latency_ratio_b1"],
+            "flop_ratio": rmtkd["flop_ratio"],
+        },
+        "baselines": {name: {"accuracy": row["accuracy"], "params": row["params"]}
+                      for name, row in rows.items() if name not in ("teacher", "rmtkd")},
+    }
+
+
+def validate_summary(summary: dict) -> None:
+    """Raise ValueError unless ``summary`` follows the schema exactly (keys, types, ranges)."""
+    def number(value, where, *, fraction=False, optional=False):
+        if optional and value is None:
+            return
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        if fraction and not 0 <= value <= 1:
+            raise ValueError(f"{where} must be a fraction in [0, 1], got {value!r}")
+
+    def keys(entry, expected, where):
+        if not isinstance(entry, dict) or set(entry) != set(expected):
+            raise ValueError(f"{where} must have exactly the keys {sorted(expected)}, got {entry!r}")
+
+    for name, entry in summary.items():
+        keys(entry, ("teacher", "rmtkd", "baselines"), name)
+        keys(entry["teacher"], ("accuracy", "params"), f"{name}.teacher")
+        keys(entry["rmtkd"], RMTKD_KEYS, f"{name}.rmtkd")
+        for key in RMTKD_KEYS:
+            number(entry["rmtkd"][key], f"{name}.rmtkd.{key}", fraction=key.startswith("accuracy"),
+                   optional=key == "accuracy_std")
+        number(entry["teacher"]["accuracy"], f"{name}.teacher.accuracy", fraction=True)
+        number(entry["teacher"]["params"], f"{name}.teacher.params")
+        if not isinstance(entry["baselines"], dict):
+            raise ValueError(f"{name}.baselines must be a mapping of baseline name to entry")
+        for baseline, row in entry["baselines"].items():
+            keys(row, ("accuracy", "params"), f"{name}.baselines.{baseline}")
+            number(row["accuracy"], f"{name}.baselines.{baseline}.accuracy", fraction=True)
+            number(row["params"], f"{name}.baselines.{baseline}.params")
+
+
+def targets(name: str, result: dict) -> list[tuple[str, bool, str]]:
+    """Each of the issue's targets for one benchmark: (target, met, the measured value)."""
+    rows, goal = result["rows"], TARGETS[name]
+    teacher, rmtkd = rows["teacher"], rows["rmtkd"]
+    cut = 1 - rmtkd["params"] / teacher["params"]
+    accuracy = statistics.fmean(rmtkd.get("seed_accuracies") or [rmtkd["accuracy"]])
+    loss = (teacher["accuracy"] - accuracy) * 100
+    checks = [
+        (f">= {goal['min_param_cut']:.0%} fewer total params", cut >= goal["min_param_cut"], f"{cut:.1%} fewer"),
+        (f"<= {goal['max_loss_points']} point accuracy loss", loss <= goal["max_loss_points"],
+         f"{loss:+.2f} points lost"),
+    ]
+    if goal["min_throughput_ratio_b32"] is not None:
+        checks.append((f">= {goal['min_throughput_ratio_b32']}x batch-32 throughput",
+                       rmtkd["throughput_ratio_b32"] >= goal["min_throughput_ratio_b32"],
+                       f"x{rmtkd['throughput_ratio_b32']:.2f}"))
+    matched = {n: r for n, r in rows.items() if r.get("matched")}
+    if matched:
+        beaten_by = [n for n, r in matched.items() if r["accuracy"] > accuracy]
+        checks.append(("at least as accurate as every baseline at matched size", not beaten_by,
+                       "beaten by " + ", ".join(beaten_by) if beaten_by else f"vs {', '.join(matched)}"))
+    share = rmtkd["throughput_ratio_b32"] / rmtkd["flop_ratio"]
+    checks.append((f"batch-32 speed-up >= {SPEED_SHARE_OF_FLOP_CEILING:.0%} of the FLOP ceiling",
+                   share >= SPEED_SHARE_OF_FLOP_CEILING, f"{share:.0%} (x{rmtkd['throughput_ratio_b32']:.2f} of "
+                   f"x{rmtkd['flop_ratio']:.2f})"))
+    if "safetensors_bytes" in teacher:
+        size_ratio = rmtkd["safetensors_bytes"] / teacher["safetensors_bytes"]
+        param_ratio = rmtkd["params"] / teacher["params"]
+        checks.append(("file size falls at least in proportion to params", size_ratio <= param_ratio + 1e-3,
+                       f"size x{size_ratio:.3f} vs params x{param_ratio:.3f}"))
+    return checks
+
+
+def _plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+        rows = result["rows"]
+        for row_name, row in rows.items():
+            marker, size = ("*", 220) if row_name == "rmtkd" else ("s", 90) if row_name == "teacher" else ("o", 50)
+            ax.scatter(row["params"] / 1e6, row["accuracy"] * 100, marker=marker, s=size, zorder=3)
+            ax.annotate(row_name, (row["params"] / 1e6, row["accuracy"] * 100), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        ax.set_xlabel("total parameters (millions)")
+        ax.set_ylabel(f"test accuracy (%), {result['data']['test']:,} examples")
+        ax.set_title(f"{name} ({result.get('mode', '?')} mode)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _table(name: str, result: dict) -> list[str]:
+    rows = result["rows"]
+    teacher = rows["teacher"]
+    lines = [
+        "| row | accuracy | Δ (pt) | params | cut | non-emb. params | file | b32 throughput | b1 latency | FLOP ratio "
+        "| compress (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row_name, row in rows.items():
+        seeds = row.get("seed_accuracies", [])
+        mean = statistics.fmean(seeds) if len(seeds) > 1 else row["accuracy"]
+        accuracy = f"{mean:.2%}" + (f" ± {statistics.stdev(seeds):.2%} ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+        matched = "" if "matched" not in row else (" (matched)" if row["matched"] else " (**not matched**)")
+        size = f"{row['safetensors_bytes'] / 1e6:.1f} MB" if "safetensors_bytes" in row else "—"
+
+        def ratio(key, row=row):
+            return f"x{row[key]:.2f}" if key in row else "—"
+
+        lines.append(
+            f"| {row_name}{matched} | {accuracy} | {(mean - teacher['accuracy']) * 100:+.2f} "
+            f"| {row['params']:,} | {1 - row['params'] / teacher['params']:.1%} | {row['non_embedding_params']:,} "
+            f"| {size} | {ratio('throughput_ratio_b32')} | {ratio('latency_ratio_b1')} | {ratio('flop_ratio')} "
+            f"| {row.get('compression_seconds', '—')} |"
+        )
+    return lines
+
+
+def _notes(result: dict) -> list[str]:
+    """How each row was made, and what the RMT-KD run did (rounds kept and rolled back, why it stopped)."""
+    rmtkd = result["rows"]["rmtkd"]
+    lines = []
+    if "log" in rmtkd:
+        rounds, kept = len(rmtkd["log"]), rmtkd["accepted_rounds"]
+        lines.append(f"- RMT-KD run: {rounds} rounds, {kept} kept, {rounds - kept} rolled back on validation; "
+                     f"stopped: {rmtkd['stop_reason']}; "
+                     f"{rmtkd['distillation_steps']} distillation steps in all.")
+    lines += [f"- `{name}`: {row['notes']}" for name, row in result["rows"].items() if row.get("notes")]
+    return lines
+
+
+def _section(results: dict[str, dict]) -> str:
+    lines = [
+        SECTION,
+        "",
+        "Generated by `benchmarks/report.py` from `benchmarks/results/*.json` (do not edit by hand). Reproduce with "
+        "`make bench-quick` (one seed, test subsets, short schedules, few timed runs) or `make bench` (3 seeds for "
+        "RMT-KD, whole test split, 50 timed runs at batch 32 and 100 at batch 1). Accuracy is on the held-out test "
+        "split, which chose nothing; RMT-KD's rounds are accepted on a validation split carved from the training "
+        "part. Ratios are teacher time ÷ model time (above 1 = faster), measured alternately in one process on "
+        "random inputs; the FLOP ratio is the ceiling. Baselines are sized to RMT-KD's total parameter count "
+        "(±3%, *matched*) and distilled with RMT-KD's loss for as many steps as RMT-KD trained. "
+        "Plot: `benchmarks/results/frontier.png` (accuracy vs parameters).",
+        "",
+    ]
+    for name, result in results.items():
+        env = result["environment"]
+        lines += [
+            f"### `{name}` ({result.get('mode', '?')} mode, {result.get('wall_seconds', 0) / 60:.0f} min)",
+            "",
+            f"{result['data']['test_description']}; {env['cpu']}, torch threads: {env['torch_threads']}, "
+            f"load average {env['load_average_at_start'][0]:.1f} at start (a shared machine: timings are noisy); "
+            f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}. "
+            f"Energy per inference: {'in the result file' if env['rapl'] == 'available' else 'unavailable (no RAPL)'}."
+            " "
+            f"Details: `benchmarks/results/{name}.json`.",
+            "",
+            *_table(name, result),
+            "",
+            *_notes(result),
+            "",
+            "Targets of the issue (measured, RMT-KD row):",
+            "",
+        ]
+        lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}" for goal, met, value in targets(name,
+                                                                                                             result)]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _update_readme(section: str, readme: Path) -> None:
+    """Replace the README's Benchmarks section (up to the next ``## `` heading), or append it at the end."""
+    text = readme.read_text()
+    start = text.find(f"\n{SECTION}\n")
+    if start == -1:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION) + 2)
+        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
+    readme.write_text(text)
+
+
+def regenerate(results_dir: Path = RESULTS, readme: Path = README) -> dict:
+    """Rebuild ``summary.json``, ``frontier.png`` and the README section from the result files present."""
+    results = {}
+    for name in TARGETS:
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+    if not results:
+        print(f"No benchmark results in {results_dir}; nothing to report.", file=sys.stderr)
+        return {}
+    summary = {name: summarize(result) for name, result in results.items()}
+    validate_summary(summary)
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot(results, results_dir / "frontier.png")
+    _update_readme(_section(results), readme)
+    return summary
+
+
+if __name__ == "__main__":
+    regenerate()

@@ -1,0 +1,81 @@
+"""Run the RMT-KD benchmarks and regenerate their summary, README table and frontier plot.
+
+Usage (from the repository root, offline):
+    python benchmarks/run.py --quick                   # one seed, subsets, < 20 min on 2 idle cores
+    python benchmarks/run.py                           # full: 3 seeds, whole test split, 50+ timed runs
+    python benchmarks/run.py --quick --only minilm_rt  # one benchmark (the others' results are kept)
+    python benchmarks/run.py --paper-scale --smoke     # BERT-base-shaped path, a few steps (opt-in)
+    python benchmarks/run.py --report-only             # rebuild summary.json, README table and plot
+
+Each benchmark writes ``benchmarks/results/<name>.json`` (command, versions, CPU, threads, seeds, every number);
+then `report.regenerate` rebuilds ``results/summary.json``, ``results/frontier.png`` and the README section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCHMARKS = ("minilm_rt", "resnet_mnist")
+
+
+def _run(name: str, quick: bool) -> dict:
+    # Imported here so that `--report-only` needs neither torch nor the data packages to be loaded.
+    if name == "minilm_rt":
+        import text
+
+        return text.run_minilm_rt(text.QUICK if quick else text.FULL)
+    import vision
+
+    return vision.run_resnet_mnist(vision.QUICK if quick else vision.FULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, data subsets, short schedules")
+    parser.add_argument("--only", choices=BENCHMARKS, action="append", help="run only these benchmarks")
+    parser.add_argument("--paper-scale", action="store_true", help="BERT-base-shaped model trained from scratch")
+    parser.add_argument("--smoke", action="store_true", help="with --paper-scale: 2 layers, a few steps")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild summary, README table and plot")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for everything, timings included (default: torch's choice). "
+                        "On a machine shared with other jobs, 1 avoids OpenMP threads spinning against each other")
+    options = parser.parse_args()
+    if options.threads is not None:
+        import torch
+
+        torch.set_num_threads(options.threads)
+
+    import report
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if options.paper_scale:
+        import paper_scale
+
+        result = paper_scale.run_paper_scale(smoke=options.smoke)
+        name = "paper_scale_smoke" if options.smoke else "paper_scale"
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(f"Wrote {RESULTS / f'{name}.json'}")
+        return
+    if not options.report_only:
+        for name in options.only or BENCHMARKS:
+            started = time.perf_counter()
+            result = _run(name, options.quick)
+            result["mode"] = "quick" if options.quick else "full"
+            result["wall_seconds"] = round(time.perf_counter() - started, 1)
+            (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+            print(f"{name}: {result['wall_seconds']:.0f} s, wrote {RESULTS / f'{name}.json'}", flush=True)
+    report.regenerate(RESULTS)
+
+
+if __name__ == "__main__":
+    main()

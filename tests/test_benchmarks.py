@@ -1,0 +1,175 @@
+"""Smoke tests of the benchmark machinery (``benchmarks/``) on tiny random models: sizes, runnable models, reports."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny_models import tiny_inputs, tiny_model
+from transformers import TrainingArguments
+
+from hf_rmtkd.architectures import find_sites
+from hf_rmtkd.bench import parameter_count
+from hf_rmtkd.calibration import collect_statistics, measure_sites
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import baselines  # noqa: E402
+import measure  # noqa: E402
+import report  # noqa: E402
+
+KINDS = ["ffn_width", "low_rank", "embedding"]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_model("bert")
+
+
+@pytest.fixture(scope="module")
+def bert_measurements(bert):
+    sites = find_sites(bert)
+    data = [tiny_inputs("bert", seed=seed) for seed in range(4)]
+    return measure_sites(collect_statistics(bert, data, sites, progress=False), sites)
+
+
+def _runs(model, arch="bert"):
+    with torch.no_grad():
+        logits = model(**tiny_inputs(arch)).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("rank", [4, 12])
+def test_svd_uniform_has_the_parameters_it_claims(bert, rank):
+    model = baselines.svd_uniform(bert, rank)
+    assert parameter_count(model) == baselines.svd_uniform_params(bert, rank) < parameter_count(bert)
+    _runs(model)
+
+
+def test_svd_at_full_rank_is_exact_on_the_encoder(bert):
+    # At rank d_in no Linear pays to factor, and the embedding at rank d is its own exact factorisation.
+    model = baselines.svd_uniform(bert, 32)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, bert(**inputs).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [None, 6])
+def test_layer_drop_keeps_every_other_layer(bert, rank):
+    model = baselines.layer_drop(bert, rank)
+    assert parameter_count(model) == baselines.layer_drop_params(bert, rank)
+    base = model.model if hasattr(model, "model") else model
+    assert len(base.base_model.encoder.layer) == 1 and base.config.num_hidden_layers == 1
+    _runs(model)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.95])
+def test_pca_energy_has_the_parameters_it_claims(bert, bert_measurements, threshold):
+    model = baselines.pca_energy(bert, bert_measurements, threshold, kinds=KINDS, min_rank=2)
+    claimed = baselines.pca_energy_params(bert, bert_measurements, threshold, kinds=KINDS, min_rank=2)
+    assert parameter_count(model) == claimed
+    _runs(model)
+
+
+def test_energy_rank():
+    eigenvalues = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    assert baselines.energy_rank(eigenvalues, 0.4) == 1
+    assert baselines.energy_rank(eigenvalues, 0.7) == 2
+    assert baselines.energy_rank(eigenvalues, 1.0) == 4
+
+
+def test_match_parameter_lands_within_three_percent(bert):
+    target = baselines.svd_uniform_params(bert, 9) + 50
+    rank = baselines.match_parameter(lambda r: baselines.svd_uniform_params(bert, int(r)), target, 1, 32,
+                                     integer=True)
+    assert abs(baselines.svd_uniform_params(bert, int(rank)) / target - 1) <= 0.03
+
+
+def test_conv_svd_and_no_distillation_rounds_run():
+    resnet = tiny_model("resnet")
+    model = baselines.svd_rank_ratio(resnet, 0.25)
+    assert parameter_count(model) == baselines.svd_rank_ratio_params(resnet, 0.25) < parameter_count(resnet)
+    _runs(model, "resnet")
+    data = [tiny_inputs("resnet", seed=seed) for seed in range(2)]
+    cut = baselines.rmtkd_without_distillation(resnet, data, rounds=2, sites_per_round=1, kinds=KINDS, min_rank=2)
+    assert parameter_count(cut) < parameter_count(resnet)
+    _runs(cut, "resnet")
+
+
+def test_distil_trains_the_student_only(bert, tmp_path):
+    teacher = copy.deepcopy(bert)
+    student = baselines.svd_uniform(bert, 6)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    rows = {k: v.tolist() for k, v in tiny_inputs("bert", batch=8).items()}
+    train = Dataset.from_dict({**rows, "labels": [0, 1, 2, 0, 1, 2, 0, 1]})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], disable_tqdm=True, use_cpu=True)
+    baselines.distil(student, teacher, train, steps=2, args=args)
+    assert any(not torch.equal(before[name], p) for name, p in student.named_parameters())
+    for (_, p), (_, q) in zip(teacher.named_parameters(), bert.named_parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_measure_row_reports_sizes_and_ratios(bert):
+    small = baselines.svd_uniform(bert, 4)
+    row = measure.measure_row(bert, small, lambda b, s: tiny_inputs("bert", batch=b, seq_len=s), seq_len=8,
+                              runs_b32=1, runs_b1=1, warmup=0)
+    assert row["params"] == parameter_count(small)
+    assert 0 < row["non_embedding_params"] < row["params"]
+    assert row["safetensors_bytes"] > 0 and row["flop_ratio"] > 1
+    assert row["throughput_ratio_b32"] > 0 and row["latency_ratio_b1"] > 0
+    assert row["energy_j_per_inference_b1"] == "unavailable" or isinstance(row["energy_j_per_inference_b1"], float)
+
+
+def _synthetic_result(seeds=(0.80, 0.79)) -> dict:
+    def row(accuracy, params, **extra):
+        return {"accuracy": accuracy, "params": params, "non_embedding_params": params // 2,
+                "safetensors_bytes": params * 4, "throughput_ratio_b32": 2.0, "latency_ratio_b1": 1.5,
+                "flop_ratio": 2.2, **extra}
+
+    return {
+        "mode": "quick", "wall_seconds": 60,
+        "environment": {"cpu": "test CPU", "torch_threads": 2, "load_average_at_start": [1.0, 1.0, 1.0],
+                        "versions": {"torch": "x", "transformers": "y"}, "rapl": "unavailable"},
+        "data": {"test": 1000, "test_description": "synthetic"},
+        "rows": {"teacher": row(0.81, 1000), "rmtkd": row(seeds[0], 400, seed_accuracies=list(seeds)),
+                 "svd_uniform": row(0.75, 405, matched=True), "tau_0.3": row(0.80, 600)},
+    }
+
+
+def test_summary_follows_the_schema():
+    summary = {"minilm_rt": report.summarize(_synthetic_result())}
+    report.validate_summary(summary)
+    entry = summary["minilm_rt"]
+    assert set(entry["baselines"]) == {"svd_uniform", "tau_0.3"}
+    assert entry["rmtkd"]["accuracy"] == pytest.approx(0.795) and entry["rmtkd"]["accuracy_std"] > 0
+    assert report.summarize(_synthetic_result(seeds=(0.8,)))["rmtkd"]["accuracy_std"] is None
+
+
+@pytest.mark.parametrize("breakage", ["extra key", "percent accuracy", "missing ratio"])
+def test_summary_validation_rejects_bad_entries(breakage):
+    entry = report.summarize(_synthetic_result())
+    if breakage == "extra key":
+        entry["teacher"]["loss"] = 0.1
+    elif breakage == "percent accuracy":
+        entry["rmtkd"]["accuracy"] = 79.5
+    else:
+        del entry["rmtkd"]["flop_ratio"]
+    with pytest.raises(ValueError):
+        report.validate_summary({"minilm_rt": entry})
+
+
+def test_regenerate_writes_summary_plot_and_one_readme_section(tmp_path):
+    (tmp_path / "minilm_rt.json").write_text(json.dumps(_synthetic_result()))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n## Usage\n\ntext\n")
+    for _ in range(2):  # regenerating replaces the section instead of appending a second one
+        report.regenerate(tmp_path, readme)
+    text = readme.read_text()
+    assert text.count("## Benchmarks") == 1 and text.startswith("# Title\n\n## Usage\n\ntext\n")
+    assert "missed" in text  # the synthetic RMT-KD row misses the 80% cut, and the README says so
+    report.validate_summary(json.loads((tmp_path / "summary.json").read_text()))
+    assert (tmp_path / "frontier.png").stat().st_size > 0
