@@ -35,3 +35,15 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+.PHONY: bench bench-quick
+
+# Benchmarks: results in benchmarks/results/, the README "Benchmarks" section regenerated from them.
+# Extra flags through BENCH_FLAGS, e.g. `make bench-quick BENCH_FLAGS="--threads 1"` on a shared machine.
+BENCH_FLAGS ?=
+
+bench: install
+	$(PY) benchmarks/run.py $(BENCH_FLAGS)
+
+bench-quick: install
+	$(PY) benchmarks/run.py --quick $(BENCH_FLAGS)
