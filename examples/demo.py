@@ -13,9 +13,10 @@
    forward time at batch 32 and batch 1 (both models alternating in this process, random token ids of length 64),
    FLOPs and checkpoint size.
 
-Run with ``make demo`` (or ``python examples/demo.py`` with ``HF_HUB_OFFLINE=1``): about 10 minutes on 2 CPU cores,
-2 fewer once the teacher is cached. The pipeline lives in ``examples/text_classification.py``, which takes all of
-these settings as flags.
+Run with ``make demo`` (or ``python examples/demo.py`` with ``HF_HUB_OFFLINE=1``): about 10 minutes on 2 CPU cores
+(3 of them fine-tuning the teacher), about 7 once the teacher is cached. The machine's load shows directly in these
+times, and in the speed rows of the table. The pipeline lives in ``examples/text_classification.py``, which takes
+all of these settings as flags.
 """
 
 import time
