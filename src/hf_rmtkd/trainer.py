@@ -330,7 +330,7 @@ class RMTKDTrainer(Trainer):
             drop = self._drop(state["baseline"], metric)
             if self._nonfinite_loss or not math.isfinite(metric):
                 accepted, reason = False, "the distillation loss became NaN or Inf"
-            elif drop > args.max_metric_drop:
+            elif drop > args.max_metric_drop + 1e-9:  # float noise: a drop of exactly the budget is allowed
                 accepted = False
                 reason = f"{self.metric_name} fell by {drop:.4f} > max_metric_drop {args.max_metric_drop}"
             else:
