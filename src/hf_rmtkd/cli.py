@@ -296,7 +296,6 @@ def _accuracy(model, dataset, batch_size: int = 64) -> float:
 
     from .calibration import iterate_batches
 
-    correct = 0
     labels = torch.tensor(dataset["labels"])
     predictions = []
     with torch.inference_mode():
