@@ -278,22 +278,22 @@ def layer_drop(teacher: nn.Module, embedding_rank: int | None = None) -> nn.Modu
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def rmtkd_without_distillation(teacher: nn.Module, calibration, *, rounds: int, sites_per_round: int, kinds,
-                               min_rank: int, quantile: float = 0.5, exclude=(), ffn_method: str = "select",
+def rmtkd_without_distillation(teacher: nn.Module, calibration, *, quantiles: list[float], sites_per_round: int,
+                               kinds, min_rank: int, exclude=(), ffn_method: str = "select",
                                batch_size: int = 64) -> nn.Module:
     """Repeat RMT-KD's round structure (calibrate the current model, cut the next sites) with no training at all.
 
     Args:
         teacher: the model to cut (not modified).
         calibration: calibration data (a tokenized `Dataset` without labels, or pixel values).
-        rounds: the number of rounds the distilled run accepted.
+        quantiles: the τ of each round the distilled run accepted (with a parameter target it searches τ per round).
         sites_per_round: sites cut per round, as in that run.
-        kinds, min_rank, quantile, ffn_method: the run's reduction settings.
+        kinds, min_rank, ffn_method: the run's reduction settings.
         exclude: sites the run rolled back (never cut).
     """
     model = copy.deepcopy(teacher)
     entries: dict = {}
-    for _ in range(rounds):
+    for quantile in quantiles:
         sites = find_sites(model)
         statistics = collect_statistics(model, calibration, sites, batch_size=batch_size, progress=False)
         measurements = measure_sites(statistics, sites, quantile=quantile)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import shutil
@@ -19,10 +20,35 @@ from transformers import Trainer, TrainingArguments
 import hf_rmtkd
 from hf_rmtkd.bench import cpu_name
 from hf_rmtkd.metrics import compute_accuracy
+from hf_rmtkd.utils import write_text_atomic
 
-__all__ = ["environment", "evaluate_accuracy", "finish_row", "run_rmtkd"]
+__all__ = ["RowBook", "environment", "evaluate_accuracy", "finish_row", "run_rmtkd"]
 
 PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "numpy", "psutil")
+
+
+class RowBook:
+    """The rows of one benchmark run, written to ``path`` after every row, so an interrupted run resumes there.
+
+    Example:
+        >>> book = RowBook(Path("results/minilm_rt.partial.json"), resume=True)  # doctest: +SKIP
+        >>> book.add("svd_uniform", lambda: {"accuracy": 0.8, "params": 4_500_000})  # doctest: +SKIP
+    """
+
+    def __init__(self, path: os.PathLike | None, *, resume: bool):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if resume and path is not None and os.path.exists(path):
+            self.rows = json.loads(open(path).read())["rows"]
+            print(f"Resuming: {len(self.rows)} rows already in {path}: {', '.join(self.rows)}", flush=True)
+
+    def add(self, name: str, make) -> dict:
+        """Return row ``name``: the saved one when resuming, else ``make()`` (a dict), saved before returning."""
+        if name not in self.rows:
+            self.rows[name] = make()
+            if self.path is not None:
+                write_text_atomic(self.path, json.dumps({"rows": self.rows}, indent=1))
+        return self.rows[name]
 
 
 def environment(seeds: list[int]) -> dict:
@@ -63,7 +89,8 @@ def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, trai
     """Compress a copy of ``teacher`` with `hf_rmtkd.RMTKDTrainer` and return the model and what the run did.
 
     Returns:
-        ``(model, info)`` with ``info``: ``distillation_steps`` (steps actually trained, all rounds),
+        ``(model, info)`` with ``info``: ``distillation_steps`` (steps actually trained, all rounds and the final
+        phase), ``final_distillation`` (what the final phase did),
         ``accepted_rounds``, ``rolled_back_sites``, ``stop_reason`` and the per-round ``log``.
     """
     trainer = hf_rmtkd.RMTKDTrainer(
@@ -74,9 +101,10 @@ def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, trai
         trainer.train()
     finally:
         shutil.rmtree(args.output_dir, ignore_errors=True)  # round checkpoints: not needed once the run is over
-    log = trainer.rmtkd_log
+    log, final = trainer.rmtkd_log, trainer.rmtkd_final
     info = {
-        "distillation_steps": len(log) * args.distillation_steps_per_round,
+        "distillation_steps": len(log) * args.distillation_steps_per_round + (final["steps"] if final else 0),
+        "final_distillation": final,
         "accepted_rounds": sum(entry["accepted"] for entry in log),
         "rolled_back_sites": sorted(site for entry in log if not entry["accepted"] for site in entry["sites"]),
         "stop_reason": trainer.rmtkd_stop_reason,

@@ -1,9 +1,10 @@
 """Opt-in paper-scale path: a BERT-base-shaped classifier trained from scratch on Rotten Tomatoes, then RMT-KD.
 
-No BERT-base weights exist offline (see the project reference notes on the environment), so the model is ``BertConfig()``
-(12 layers, d = 768, FFN 3072, 110M parameters) with random initialisation, trained on the task first, then compressed
-with `RMTKDTrainer` at the library defaults. On 2 CPU cores the full path takes hours; ``--smoke`` keeps the shape
-of every layer but only 2 of them, and runs a few steps of each stage, to prove the code path end to end.
+No BERT-base weights exist offline (see the project reference notes on the environment), so the model is
+``BertConfig()`` (12 layers, d = 768, FFN 3072, 110M parameters) with random initialisation, trained on the task
+first, then compressed with `RMTKDTrainer` at the library defaults. On 2 CPU cores the full path takes hours;
+``--smoke`` keeps the shape of every layer but only 2 of them, and runs a few steps of each stage, to prove the code
+path end to end.
 
 Run: ``python benchmarks/run.py --paper-scale [--smoke]``; writes ``benchmarks/results/paper_scale[_smoke].json``.
 """

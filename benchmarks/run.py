@@ -5,6 +5,7 @@ Usage (from the repository root, offline):
     python benchmarks/run.py                           # full: 3 seeds, whole test split, 50+ timed runs
     python benchmarks/run.py --quick --only minilm_rt  # one benchmark (the others' results are kept)
     python benchmarks/run.py --paper-scale --smoke     # BERT-base-shaped path, a few steps (opt-in)
+    python benchmarks/run.py --resume                  # continue an interrupted run from its saved rows
     python benchmarks/run.py --report-only             # rebuild summary.json, README table and plot
 
 Each benchmark writes ``benchmarks/results/<name>.json`` (command, versions, CPU, threads, seeds, every number);
@@ -28,15 +29,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ("minilm_rt", "resnet_mnist")
 
 
-def _run(name: str, quick: bool) -> dict:
+def _run(name: str, quick: bool, book) -> dict:
     # Imported here so that `--report-only` needs neither torch nor the data packages to be loaded.
     if name == "minilm_rt":
         import text
 
-        return text.run_minilm_rt(text.QUICK if quick else text.FULL)
+        return text.run_minilm_rt(text.QUICK if quick else text.FULL, book)
     import vision
 
-    return vision.run_resnet_mnist(vision.QUICK if quick else vision.FULL)
+    return vision.run_resnet_mnist(vision.QUICK if quick else vision.FULL, book)
 
 
 def main() -> None:
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--only", choices=BENCHMARKS, action="append", help="run only these benchmarks")
     parser.add_argument("--paper-scale", action="store_true", help="BERT-base-shaped model trained from scratch")
     parser.add_argument("--smoke", action="store_true", help="with --paper-scale: 2 layers, a few steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows an interrupted run of the same mode saved in results/<name>.partial.json")
     parser.add_argument("--report-only", action="store_true", help="only rebuild summary, README table and plot")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for everything, timings included (default: torch's choice). "
@@ -67,12 +70,17 @@ def main() -> None:
         print(f"Wrote {RESULTS / f'{name}.json'}")
         return
     if not options.report_only:
+        from harness import RowBook
+
         for name in options.only or BENCHMARKS:
             started = time.perf_counter()
-            result = _run(name, options.quick)
+            # Every finished row is saved here at once; the file is removed when the benchmark completes.
+            partial = RESULTS / f"{name}.{'quick' if options.quick else 'full'}.partial.json"
+            result = _run(name, options.quick, RowBook(partial, resume=options.resume))
             result["mode"] = "quick" if options.quick else "full"
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
             (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+            partial.unlink(missing_ok=True)
             print(f"{name}: {result['wall_seconds']:.0f} s, wrote {RESULTS / f'{name}.json'}", flush=True)
     report.regenerate(RESULTS)
 

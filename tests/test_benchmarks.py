@@ -94,7 +94,8 @@ def test_conv_svd_and_no_distillation_rounds_run():
     assert parameter_count(model) == baselines.svd_rank_ratio_params(resnet, 0.25) < parameter_count(resnet)
     _runs(model, "resnet")
     data = [tiny_inputs("resnet", seed=seed) for seed in range(2)]
-    cut = baselines.rmtkd_without_distillation(resnet, data, rounds=2, sites_per_round=1, kinds=KINDS, min_rank=2)
+    cut = baselines.rmtkd_without_distillation(resnet, data, quantiles=[0.5, 0.5], sites_per_round=1, kinds=KINDS,
+                                             min_rank=2)
     assert parameter_count(cut) < parameter_count(resnet)
     _runs(cut, "resnet")
 
@@ -173,3 +174,19 @@ def test_regenerate_writes_summary_plot_and_one_readme_section(tmp_path):
     assert "missed" in text  # the synthetic RMT-KD row misses the 80% cut, and the README says so
     report.validate_summary(json.loads((tmp_path / "summary.json").read_text()))
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_row_book_saves_every_row_and_resumes(tmp_path):
+    import harness
+
+    path = tmp_path / "bench.partial.json"
+    book = harness.RowBook(path, resume=True)
+    assert book.add("teacher", lambda: {"accuracy": 0.8}) == {"accuracy": 0.8}
+    assert json.loads(path.read_text())["rows"] == {"teacher": {"accuracy": 0.8}}
+
+    def fail():
+        raise AssertionError("a saved row must not be run again")
+
+    resumed = harness.RowBook(path, resume=True)
+    assert resumed.add("teacher", fail) == {"accuracy": 0.8}
+    assert harness.RowBook(path, resume=False).rows == {}

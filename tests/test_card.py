@@ -184,3 +184,16 @@ def test_stock_export_paragraph(small, monkeypatch):
 def test_rejects_a_model_that_is_not_compressed():
     with pytest.raises(TypeError, match="compress it first"):
         build_model_card(tiny_model("bert"))
+
+
+def test_site_cut_in_an_earlier_round_shows_its_width_before_the_cut(small):
+    """The last report measured an earlier-cut FFN already narrowed; the card shows the width the cut started from."""
+    site = next(s for s in small.rmtkd_report.sites if s.role == "ffn_inner")
+    installed = small.config.reductions[site.name]["width"]
+    log = [{"round": 1, "accepted": True,
+            "sites": {site.name: {"kind": "ffn_width", "d": 999, "k": installed, "k_spectrum": installed - 1}}}]
+    rows = {row["name"]: row for row in card_module._site_rows(small, small.rmtkd_report, log)}
+    assert rows[site.name]["cut"] == f"999 → {installed} (spectrum: {installed - 1})"
+    rolled_back = [{**log[0], "accepted": False}]
+    rows = {row["name"]: row for row in card_module._site_rows(small, small.rmtkd_report, rolled_back)}
+    assert rows[site.name]["cut"].startswith(f"{site.d} → {installed}")

@@ -144,3 +144,62 @@ def test_peft_model_is_merged_and_lora_recovery_merges_back(tmp_path):
     batch = {k: torch.tensor(v) for k, v in test[:4].items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, trainer.model.eval()(**batch).logits)
+
+
+@pytest.mark.parametrize("search", [True, False])
+def test_parameter_target_is_reached_by_searching_the_quantile(search, tmp_path):
+    """With the search, τ rises until the plan meets the target; without it the spectrum's own cut is the most."""
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+    original = teacher.num_parameters()
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "target"), sites_per_round=64, max_rounds=2, distillation_steps_per_round=2,
+        min_rank=2, max_metric_drop=1.0, target_params=0.3, search_quantile_for_target=search,
+    )
+    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+    trainer.train()
+    first = trainer.rmtkd_log[0]
+    if search:
+        assert first["spectrum_quantile"] > args.spectrum_quantile
+        assert trainer.model.num_parameters() <= round(0.3 * original)
+        assert trainer.rmtkd_stop_reason.startswith("parameter target met")
+    else:
+        assert first["spectrum_quantile"] == args.spectrum_quantile
+        assert trainer.model.num_parameters() > round(0.3 * original)
+
+
+def test_quantile_search_returns_the_smallest_tau_that_saves_enough():
+    from hf_rmtkd.calibration import calibrate, recount
+    from hf_rmtkd.plan import MAX_QUANTILE, plan_reductions, quantile_for_savings
+
+    model = tiny_model("bert").eval()
+    data = [{k: torch.tensor(v) for k, v in text_task(64, 0)[i * 32:(i + 1) * 32].items() if k != "labels"}
+            for i in range(2)]
+    measurements = calibrate(model, data, progress=False)
+
+    def saved(tau):
+        return plan_reductions(recount(measurements, quantile=tau), model, min_rank=2).params_saved
+
+    at_start, at_max = saved(0.5), saved(MAX_QUANTILE)
+    assert at_max > at_start  # a larger τ cuts more
+    needed = (at_start + at_max) // 2
+    tau = quantile_for_savings(lambda t: recount(measurements, quantile=t), model, needed, start=0.5, min_rank=2)
+    assert saved(tau) >= needed > saved(tau - 1e-3)
+    assert quantile_for_savings(lambda t: recount(measurements, quantile=t), model, at_start, start=0.5,
+                                min_rank=2) == 0.5
+    assert quantile_for_savings(lambda t: recount(measurements, quantile=t), model, at_max + 1, start=0.5,
+                                min_rank=2) == MAX_QUANTILE
+
+
+def test_final_distillation_from_the_uncut_model(tmp_path):
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "final"), sites_per_round=3, max_rounds=1, distillation_steps_per_round=2,
+        final_distillation_steps=6, min_rank=2, max_metric_drop=1.0,
+    )
+    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+    trainer.train()
+    final = trainer.rmtkd_final
+    assert final["steps"] == 6
+    assert final["kept"] == (final["eval_accuracy"] >= final["eval_accuracy_before"])
+    assert trainer.evaluate()["eval_accuracy"] == pytest.approx(max(final["eval_accuracy"],
+                                                                    final["eval_accuracy_before"]))

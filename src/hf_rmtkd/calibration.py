@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -31,6 +31,7 @@ from .spectrum import CovarianceAccumulator, OutlierCount, count_outliers
 
 __all__ = [
     "CalibrationStatistics", "SiteMeasurement", "calibrate", "collect_statistics", "iterate_batches", "measure_sites",
+    "recount",
 ]
 
 logger = logging.get_logger(__name__)
@@ -53,7 +54,7 @@ class SiteMeasurement:
     site: Site
     statistics: CovarianceAccumulator
     eigenvalues: torch.Tensor  # (d,) float64, descending
-    outliers: OutlierCount
+    outliers: OutlierCount | None  # None only inside `measure_sites`, before the count
     n_sequences: int
     centred: bool
 
@@ -257,16 +258,34 @@ def measure_sites(
         effective_samples: ``"tokens"`` uses the token (pixel) count as n; ``"sequences"`` the number of sequences,
             a conservative n for correlated tokens.
     """
-    if effective_samples not in EFFECTIVE_SAMPLES:
-        raise ValueError(f"effective_samples must be one of {EFFECTIVE_SAMPLES}, got {effective_samples!r}")
-    measurements = []
+    spectra = []
     for site in sites:
         acc = statistics.accumulators[site.name]
         eigenvalues = acc.eigenvalues(centre=centre)
-        n = acc.count if effective_samples == "tokens" else statistics.n_sequences
-        outliers = count_outliers(eigenvalues, max(n, 1), estimator=estimator, quantile=quantile, edge=edge)
-        measurements.append(SiteMeasurement(site, acc, eigenvalues, outliers, statistics.n_sequences, centre))
-    return measurements
+        spectra.append(SiteMeasurement(site, acc, eigenvalues, None, statistics.n_sequences, centre))
+    return recount(spectra, estimator=estimator, quantile=quantile, edge=edge, effective_samples=effective_samples)
+
+
+def recount(
+    measurements: list[SiteMeasurement],
+    *,
+    estimator: str = "mp_fit",
+    quantile: float = 0.5,
+    edge: str = "tracy_widom",
+    effective_samples: str = "tokens",
+) -> list[SiteMeasurement]:
+    """The same spectra with their outliers counted again under other settings (no new eigen-decomposition).
+
+    Used to search the quantile τ that meets a parameter target: each trial costs one `count_outliers` per site.
+    """
+    if effective_samples not in EFFECTIVE_SAMPLES:
+        raise ValueError(f"effective_samples must be one of {EFFECTIVE_SAMPLES}, got {effective_samples!r}")
+    recounted = []
+    for m in measurements:
+        n = m.statistics.count if effective_samples == "tokens" else m.n_sequences
+        outliers = count_outliers(m.eigenvalues, max(n, 1), estimator=estimator, quantile=quantile, edge=edge)
+        recounted.append(replace(m, outliers=outliers))
+    return recounted
 
 
 def calibrate(model: nn.Module, data, *, targets=None, **options) -> list[SiteMeasurement]:

@@ -223,7 +223,7 @@ def build_model_card(
         metric_before=_number(metric_before, missing="not measured"),
         metric_after=_number(metric_after, missing="not measured"),
         metric_change=_difference(metric_after, metric_before),
-        sites=_site_rows(model, report),
+        sites=_site_rows(model, report, rmtkd_log),
         report_file=_listed(directory, REPORT_NAME, report is not None),
         log_file=_listed(directory, LOG_NAME, bool(rmtkd_log)),
         images=_images(directory, image_dir, report),
@@ -315,8 +315,18 @@ def _cuts_by_site(model) -> dict[str, tuple[str, int]]:
     return cuts
 
 
-def _site_rows(model, report) -> list[dict[str, str]]:
-    """One row per analysed site: from the report, else from the config's ``spectral_summary``."""
+def _site_rows(model, report, rmtkd_log: list[dict] | None = None) -> list[dict[str, str]]:
+    """One row per analysed site: from the report, else from the config's ``spectral_summary``.
+
+    The spectrum columns are the latest measurement. The width column is the site's width before its cut, the width
+    installed and, when they differ, the outlier count of the measurement that cut it: from the round log for a site
+    cut in an earlier round (the latest report measured it already narrowed).
+    """
+    cut_in_round = {}
+    for entry in rmtkd_log or []:
+        if entry.get("accepted"):
+            for site, info in entry.get("sites", {}).items():
+                cut_in_round.setdefault(site, info)
     if report is not None:
         sites = [(s.name, s.role, s.d, s.k, s.outliers.sigma2, s.outliers.lambda_plus, s.outliers.retained_variance)
                  for s in report.sites]
@@ -328,6 +338,8 @@ def _site_rows(model, report) -> list[dict[str, str]]:
     rows = []
     for name, role, d, k, sigma2, lambda_plus, retained in sites:
         kind, rank = cuts.get(name, ("not cut", d))
+        if name in cut_in_round:
+            d, k = cut_in_round[name]["d"], cut_in_round[name]["k_spectrum"]
         cut = f"{d} → {rank}" + (f" (spectrum: {k})" if rank != k and name in cuts else "")
         rows.append({"name": name, "role": role, "kind": kind, "cut": cut, "sigma2": f"{sigma2:.4g}",
                      "lambda_plus": f"{lambda_plus:.4g}", "retained": f"{retained:.1%}"})

@@ -14,13 +14,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
 from .calibration import SiteMeasurement
 
-__all__ = ["KIND_FOR_ROLE", "Plan", "PlannedCut", "plan_reductions"]
+__all__ = ["KIND_FOR_ROLE", "MAX_QUANTILE", "Plan", "PlannedCut", "plan_reductions", "quantile_for_savings"]
 
 KIND_FOR_ROLE = {
     "embedding": "embedding",
@@ -32,6 +33,7 @@ KIND_FOR_ROLE = {
     "linear": "low_rank",
 }
 KINDS = ("low_rank", "ffn_width", "embedding")
+MAX_QUANTILE = 0.99  # the largest τ the target search tries: σ² at the 99th percentile of the spectrum
 
 
 @dataclass
@@ -193,3 +195,44 @@ def plan_reductions(
         if max_sites is not None and len(cuts) >= max_sites:
             break
     return Plan(cuts, skipped)
+
+
+def quantile_for_savings(
+    count_at: Callable[[float], list[SiteMeasurement]],
+    model: nn.Module,
+    needed: int,
+    *,
+    start: float,
+    steps: int = 20,
+    **plan_options,
+) -> float:
+    """The smallest quantile τ in ``[start, MAX_QUANTILE]`` whose plan over every site saves ``needed`` parameters.
+
+    A larger τ raises the σ² estimate and so the MP edge, and every site keeps fewer directions; the spectrum still
+    decides how the cut is shared between sites. Only parameter counts are compared, never a metric.
+
+    Args:
+        count_at: ``τ -> measurements`` with the outliers counted at τ (e.g. `calibration.recount`).
+        model: the base model the site paths refer to.
+        needed: parameters the plan must save.
+        start: the configured τ; returned unchanged when it already saves enough.
+        steps: bisection steps.
+        plan_options: passed to `plan_reductions` (``max_sites`` is ignored: the whole plan must reach the target).
+
+    Returns:
+        The τ found; ``MAX_QUANTILE`` when even it does not save enough.
+    """
+    plan_options = {**plan_options, "max_sites": None}
+
+    def saves_enough(quantile: float) -> bool:
+        return plan_reductions(count_at(quantile), model, **plan_options).params_saved >= needed
+
+    if saves_enough(start):
+        return start
+    if not saves_enough(MAX_QUANTILE):
+        return MAX_QUANTILE
+    low, high = start, MAX_QUANTILE
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (low, mid) if saves_enough(mid) else (mid, high)
+    return high

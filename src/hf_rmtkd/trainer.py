@@ -34,13 +34,13 @@ from transformers.utils import logging
 
 from .api import base_of, to_report
 from .architectures import find_sites
-from .calibration import collect_statistics, measure_sites
+from .calibration import collect_statistics, measure_sites, recount
 from .checkpoint import save_rmtkd_checkpoint
 from .cut import apply_plan
 from .distillation import distillation_loss, teacher_copy
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
-from .plan import plan_reductions
+from .plan import plan_reductions, quantile_for_savings
 from .training_args import RMTKDTrainingArguments
 from .utils import write_text_atomic
 
@@ -92,6 +92,8 @@ class RMTKDTrainer(Trainer):
         self.metric_name = None
         self._nonfinite_loss = False
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "n": 0}
+        self._quantile = args.spectrum_quantile
+        self.rmtkd_final: dict | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -194,22 +196,39 @@ class RMTKDTrainer(Trainer):
 
     def _spectrum_settings(self) -> dict:
         a = self.args
-        return dict(centre=a.calibration_centre, estimator=a.spectrum_estimator, quantile=a.spectrum_quantile,
+        return dict(centre=a.calibration_centre, estimator=a.spectrum_estimator, quantile=self._quantile,
                     edge=a.spectrum_edge, effective_samples=a.effective_samples, min_rank=a.min_rank,
                     ffn_method=a.ffn_width_method)
 
-    def _plan(self, measurements, excluded: set[str]):
-        plan = None
+    def _count_at(self, measurements, quantile: float):
+        a = self.args
+        return recount(measurements, estimator=a.spectrum_estimator, quantile=quantile, edge=a.spectrum_edge,
+                       effective_samples=a.effective_samples)
+
+    def _plan(self, measurements, excluded: set[str], needed: int):
+        """Plan this round's cuts; with a target still ``needed`` parameters away, first search τ to reach it.
+
+        Returns:
+            ``(plan, measurements)``, the measurements counted at the τ the plan used (``self._quantile``).
+        """
+        args, base = self.args, base_of(self.model)
+        options = dict(kinds=args.reduction_kinds, min_rank=args.min_rank, exclude=excluded)
+        plan, quantile = None, args.spectrum_quantile
         if self.accelerator.is_main_process:
-            plan = plan_reductions(
-                measurements, base_of(self.model), kinds=self.args.reduction_kinds, min_rank=self.args.min_rank,
-                max_sites=self.args.sites_per_round, exclude=excluded,
-            )
-        # Sync point: the plan is decided once, on the main process, and every process installs the same one
-        # (an eigenvalue sitting at the edge could otherwise flip a rank between processes).
+            if needed > 0 and args.search_quantile_for_target:
+                quantile = quantile_for_savings(lambda t: self._count_at(measurements, t), base, needed,
+                                                start=args.spectrum_quantile, **options)
+                if quantile != args.spectrum_quantile:
+                    measurements = self._count_at(measurements, quantile)
+            plan = plan_reductions(measurements, base, max_sites=args.sites_per_round, **options)
+        # Sync point: the plan and τ are decided once, on the main process, and every process installs the same
+        # plan (an eigenvalue sitting at the edge could otherwise flip a rank between processes).
         if self.accelerator.num_processes > 1:
-            plan = broadcast_object_list([plan], from_process=0)[0]
-        return plan
+            plan, quantile = broadcast_object_list([plan, quantile], from_process=0)
+            if not self.accelerator.is_main_process and quantile != args.spectrum_quantile:
+                measurements = self._count_at(measurements, quantile)
+        self._quantile = quantile
+        return plan, measurements
 
     def _cut(self, plan, measurements) -> None:
         base = base_of(self.model)
@@ -227,15 +246,19 @@ class RMTKDTrainer(Trainer):
         snapshot.requires_grad_(True)
         self.model = self.model_wrapped = snapshot
 
-    def _distil(self) -> None:
+    def _distil(self, steps: int | None = None) -> None:
         """One round of distillation: a fresh `Trainer.train()` with a new optimizer and scheduler.
+
+        ``steps`` overrides the per-round length (``distillation_steps_per_round`` / ``_epochs_per_round``).
 
         With ``lora_recovery`` the cut model is frozen and LoRA adapters on its Linear layers are trained instead
         (parameter-efficient recovery for large models), then merged back, so the round ends with a plain model.
         """
         args = self.args
         saved = (args.max_steps, args.num_train_epochs, args.save_strategy)
-        if args.distillation_steps_per_round is not None:
+        if steps is not None:
+            args.max_steps = steps
+        elif args.distillation_steps_per_round is not None:
             args.max_steps = args.distillation_steps_per_round
         else:
             args.max_steps, args.num_train_epochs = -1, args.distillation_epochs_per_round
@@ -292,6 +315,8 @@ class RMTKDTrainer(Trainer):
         """
         args = self.args
         start = time.time()
+        # The final phase distils from the model as given, before any cut; a resumed run is given that model too.
+        uncut = teacher_copy(self.model) if args.final_distillation_steps else None
         state = self._resume(resume_from_checkpoint) if resume_from_checkpoint else None
         if state is None:
             original = self.model.num_parameters()
@@ -309,8 +334,9 @@ class RMTKDTrainer(Trainer):
                 stop_reason = f"parameter target met ({params:,} <= {target:,})"
                 break
             measurements = self._measure()
+            needed = params - target if target is not None else 0
+            plan, measurements = self._plan(measurements, set(state["excluded"]), needed)
             self.rmtkd_report = to_report(measurements, self._spectrum_settings())
-            plan = self._plan(measurements, set(state["excluded"]))
             if not plan.cuts:
                 stop_reason = "no site shrinks any more"
                 break
@@ -339,6 +365,7 @@ class RMTKDTrainer(Trainer):
                 "round": state["round"],
                 "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
                           for c in plan.cuts},
+                "spectrum_quantile": self._quantile,
                 "params_before": params,
                 "params_after_cut": self.model.num_parameters(),
                 f"{self.metric_name}_after_cut": after_cut,
@@ -358,12 +385,35 @@ class RMTKDTrainer(Trainer):
                       "rmtkd_accepted": float(accepted), self.metric_name: metric,
                       **{f"rmtkd_k/{s}": v["k"] for s, v in entry["sites"].items()}})
             self._save_round(state)
+        if uncut is not None and "final" not in state and any(entry["accepted"] for entry in self.rmtkd_log):
+            state["final"] = self._final_distillation(uncut, state["round"])
+            self._save_round(state)
+        self.rmtkd_final = state.get("final")
         final = self.model.num_parameters()
         logger.info(f"RMT-KD stopped: {stop_reason}. Parameters {state['original_params']:,} -> {final:,}.")
         self.rmtkd_stop_reason = stop_reason
         metrics = {"rmtkd_rounds": state["round"], "rmtkd_params": final,
                    "rmtkd_param_ratio": final / state["original_params"], "train_runtime": time.time() - start}
         return TrainOutput(self.state.global_step, 0.0, metrics)
+
+    def _final_distillation(self, uncut: nn.Module, rounds: int) -> dict:
+        """Distil the compressed model from the ``uncut`` one; keep the result only if the metric held or rose."""
+        before = self._metric()
+        snapshot = teacher_copy(self.model)
+        set_seed(self.args.seed + rounds + 1)
+        self.teacher, self._nonfinite_loss = uncut, False
+        self._distil(self.args.final_distillation_steps)
+        self.teacher = None
+        after = self._metric()
+        kept = not self._nonfinite_loss and math.isfinite(after) and self._drop(before, after) <= 0
+        if not kept:
+            self._restore(snapshot)
+        entry = {"steps": self.args.final_distillation_steps, f"{self.metric_name}_before": before,
+                 self.metric_name: after, "kept": kept}
+        self.log({"rmtkd_final_kept": float(kept), f"rmtkd_final_{self.metric_name}": after})
+        logger.info(f"Final distillation from the uncut model: {self.metric_name} {before:.4f} -> {after:.4f}"
+                    f" ({'kept' if kept else 'discarded'}).")
+        return entry
 
     # ----------------------------------------------------------------------------------------------------------------
     # Saving and resuming

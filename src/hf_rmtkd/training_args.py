@@ -187,6 +187,14 @@ class RMTKDTrainingArguments(TrainingArguments):
             "distillation_epochs_per_round."
         },
     )
+    final_distillation_steps: int = field(
+        default=0,
+        metadata={
+            "help": "After the last round, distil the compressed model for this many optimizer steps from the model "
+            "as it was before the first cut (the rounds distil from the model before their own cut); kept only if "
+            "the guarded metric does not get worse. >= 0; 0: no final phase."
+        },
+    )
     warmup_metric_threshold: float | None = field(
         default=None,
         metadata={
@@ -219,6 +227,15 @@ class RMTKDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Stop once the model has at most this many parameters: a ratio in (0, 1) is a fraction of the "
             "original count (0.2 keeps a fifth), a whole number >= 1 is an absolute count. None: no target."
+        },
+    )
+    search_quantile_for_target: bool = field(
+        default=True,
+        metadata={
+            "help": "When target_params is set and the spectrum at spectrum_quantile would leave the model above it, "
+            "raise the quantile tau (bisection on parameter counts alone, never on a metric) until the cuts of the "
+            "sites left reach the target; the spectrum still decides how the cut is shared between sites. The tau "
+            "used is logged per round. False: the spectrum's own cut is the most a run removes."
         },
     )
     max_metric_drop: float = field(
@@ -347,6 +364,9 @@ class RMTKDTrainingArguments(TrainingArguments):
         int_at_least_1("max_rounds", optional=True)
         positive("distillation_epochs_per_round")
         int_at_least_1("distillation_steps_per_round", optional=True)
+        self._require("final_distillation_steps",
+                      _is_int(self.final_distillation_steps) and self.final_distillation_steps >= 0,
+                      "be an integer >= 0")
         self._require(
             "warmup_metric_threshold",
             self.warmup_metric_threshold is None or _is_number(self.warmup_metric_threshold),
@@ -365,6 +385,7 @@ class RMTKDTrainingArguments(TrainingArguments):
             target is None or is_ratio or is_count,
             "be None, a ratio in (0, 1) of the original parameter count, or a whole number >= 1 of parameters",
         )
+        boolean("search_quantile_for_target")
         self._require("max_metric_drop", _is_number(self.max_metric_drop) and self.max_metric_drop >= 0, "be >= 0")
         number_in("min_keep_ratio", 0, 1, low_open=False, high_open=True)
         self._require(
