@@ -4,15 +4,19 @@ Speed follows the project's rule: the teacher and the row's model run alternatel
 (`hf_rmtkd.bench.compare_speed`), and the ratio is teacher time ÷ model time (above 1: the model is faster). The FLOP
 ratio, counted on the same batch, is the ceiling that ratio can approach.
 
-Memory is the peak resident set size (RSS) of the benchmark process while a row is being compressed, sampled every
-20 ms with psutil: it includes what the process already holds (teacher, data), so compare rows by their difference
-to ``rss_before_mb``. Energy comes from Intel RAPL counters when they are readable, else it is recorded as
-``"unavailable"``.
+Memory: the peak resident set size (RSS) of the benchmark process while a row is being compressed, sampled every
+20 ms with psutil (it includes what the process already holds — teacher, data — so compare rows by their difference
+to ``rss_before_mb``); and the inference peak, in a fresh process: the growth of peak RSS while the saved checkpoint
+loads and one batch of 32 runs forward, for the row's model and the teacher. Energy comes from Intel RAPL counters
+when they are readable, else it is recorded as ``"unavailable"``.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from hf_rmtkd.bench import compare_speed, count_flops, parameter_count, safetensors_size
@@ -108,6 +113,44 @@ def checkpoint_bytes(model: nn.Module) -> int:
         return safetensors_size(directory)
 
 
+# Run in a fresh interpreter, so that nothing else the benchmark holds counts: the peak RSS above the imports while
+# the checkpoint loads and one batch runs forward.
+_PEAK_SCRIPT = """
+import json, sys
+import torch, transformers, hf_rmtkd
+from safetensors.torch import load_file
+
+def status_kb(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+torch.set_num_threads(int(sys.argv[3]))
+batch = load_file(sys.argv[2])
+name = json.load(open(sys.argv[1] + "/config.json"))["architectures"][0]
+cls = getattr(hf_rmtkd, name, None) or getattr(transformers, name)
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status_kb("VmRSS")
+model = cls.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    model(**batch)
+print(json.dumps((status_kb("VmHWM") - before) / 1024))
+"""
+
+
+def inference_peak_mb(model: nn.Module, batch: dict) -> float:
+    """Peak memory (MB of RSS) of loading ``model``'s checkpoint and running ``batch`` through it, in a fresh process.
+
+    Measured as the process's peak RSS (``VmHWM``, reset once the imports are done) minus its RSS at that moment
+    (Linux only).
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        batch_file = str(Path(directory) / "batch.safetensors")
+        save_file({k: v.contiguous() for k, v in batch.items()}, batch_file)
+        result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, directory, batch_file,
+                                 str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+    return float(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
 def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int], dict], *, seq_len: int | None,
                 runs_b32: int, runs_b1: int, warmup: int = 3) -> dict:
     """Size, speed, FLOPs and energy of ``model`` against ``teacher``.
@@ -126,6 +169,7 @@ def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int
     b1 = compare_speed(teacher, model, inputs, batch_size=1, seq_len=seq_len, runs=runs_b1, warmup=warmup)
     batch = inputs(32, seq_len)
     flops_teacher, flops_model = count_flops(teacher, batch), count_flops(model, batch)
+    peak_teacher, peak_model = inference_peak_mb(teacher, batch), inference_peak_mb(model, batch)
     for timing in (b32, b1):
         timing["original_iqr_s"], timing["compressed_iqr_s"] = list(timing["original_iqr_s"]), list(
             timing["compressed_iqr_s"])
@@ -138,6 +182,9 @@ def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int
         "flop_ratio": flops_teacher / flops_model,
         "flops_b32": flops_model,
         "speed_vs_flop_ceiling_b32": b32["speedup"] / (flops_teacher / flops_model),
+        "inference_peak_mb_b32": peak_model,
+        "teacher_inference_peak_mb_b32": peak_teacher,
+        "inference_memory_ratio_b32": peak_model / peak_teacher if peak_teacher > 0 else None,
         "energy_j_per_inference_b1": energy_per_inference(model, inputs(1, seq_len)),
         "timing_b32": b32,
         "timing_b1": b1,
