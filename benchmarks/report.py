@@ -114,6 +114,12 @@ def targets(name: str, result: dict) -> list[tuple[str, bool, str]]:
         param_ratio = rmtkd["params"] / teacher["params"]
         checks.append(("file size falls at least in proportion to params", size_ratio <= param_ratio + 1e-3,
                        f"size x{size_ratio:.3f} vs params x{param_ratio:.3f}"))
+    if rmtkd.get("inference_memory_ratio_b32") is not None:
+        memory_ratio, param_ratio = rmtkd["inference_memory_ratio_b32"], rmtkd["params"] / teacher["params"]
+        checks.append(("peak inference memory (batch 32) falls at least in proportion to params",
+                       memory_ratio <= param_ratio + 1e-3,
+                       f"memory x{memory_ratio:.3f} ({rmtkd['inference_peak_mb_b32']:.0f} vs "
+                       f"{rmtkd['teacher_inference_peak_mb_b32']:.0f} MB) vs params x{param_ratio:.3f}"))
     return checks
 
 
