@@ -127,3 +127,17 @@ def test_config_of_compressed_model_is_rmtkd():
     assert isinstance(AutoConfig.for_model("rmtkd"), hf_rmtkd.RMTKDConfig)
     assert set(small.config.reductions) == {p for c in small.rmtkd_plan.cuts for p in c.modules}
     assert small.config.spectral_summary
+
+
+def test_plan_stops_adding_cuts_once_the_savings_are_reached():
+    from hf_rmtkd.calibration import calibrate
+    from hf_rmtkd.plan import plan_reductions
+
+    model = tiny_model("bert").eval()
+    measurements = calibrate(model, [tiny_inputs("bert", batch=8, seq_len=16, seed=s) for s in range(4)],
+                             progress=False)
+    every = plan_reductions(measurements, model, min_rank=2)
+    assert len(every.cuts) > 2
+    needed = every.cuts[0].saved + 1  # more than the first cut saves, less than the first two
+    capped = plan_reductions(measurements, model, min_rank=2, max_savings=needed)
+    assert [c.site for c in capped.cuts] == [c.site for c in every.cuts[:2]]

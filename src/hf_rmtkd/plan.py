@@ -124,6 +124,7 @@ def plan_reductions(
     min_rank: int = 8,
     min_keep_ratio: float = 0.0,
     max_sites: int | None = None,
+    max_savings: int | None = None,
     exclude: set[str] | frozenset[str] = frozenset(),
 ) -> Plan:
     """Turn measured spectra into reductions, shallow to deep.
@@ -135,6 +136,8 @@ def plan_reductions(
         min_rank: the smallest rank / width ever installed.
         min_keep_ratio: the smallest kept fraction k/d (guards dense deep spectra against over-cutting).
         max_sites: plan at most this many cuts (the trainer's sites per round); None plans every site.
+        max_savings: stop adding cuts once they save this many parameters (what a parameter target still needs);
+            None: no limit.
         exclude: site names not to cut (e.g. rolled back in an earlier round).
 
     Returns:
@@ -194,6 +197,8 @@ def plan_reductions(
         shapes.update(new_shapes)
         if max_sites is not None and len(cuts) >= max_sites:
             break
+        if max_savings is not None and sum(c.saved for c in cuts) >= max_savings:
+            break
     return Plan(cuts, skipped)
 
 
@@ -217,12 +222,13 @@ def quantile_for_savings(
         needed: parameters the plan must save.
         start: the configured τ; returned unchanged when it already saves enough.
         steps: bisection steps.
-        plan_options: passed to `plan_reductions` (``max_sites`` is ignored: the whole plan must reach the target).
+        plan_options: passed to `plan_reductions` (``max_sites`` and ``max_savings`` are ignored: the whole plan must
+            reach the target).
 
     Returns:
         The τ found; ``MAX_QUANTILE`` when even it does not save enough.
     """
-    plan_options = {**plan_options, "max_sites": None}
+    plan_options = {**plan_options, "max_sites": None, "max_savings": None}
 
     def saves_enough(quantile: float) -> bool:
         return plan_reductions(count_at(quantile), model, **plan_options).params_saved >= needed

@@ -220,7 +220,9 @@ class RMTKDTrainer(Trainer):
                                                 start=args.spectrum_quantile, **options)
                 if quantile != args.spectrum_quantile:
                     measurements = self._count_at(measurements, quantile)
-            plan = plan_reductions(measurements, base, max_sites=args.sites_per_round, **options)
+            # With a target, the round stops adding sites once it is met (shallow sites first), not overshooting it.
+            plan = plan_reductions(measurements, base, max_sites=args.sites_per_round,
+                                   max_savings=needed if needed > 0 else None, **options)
         # Sync point: the plan and τ are decided once, on the main process, and every process installs the same
         # plan (an eigenvalue sitting at the edge could otherwise flip a rank between processes).
         if self.accelerator.num_processes > 1:
