@@ -4,10 +4,12 @@ Data (`hf_rmtkd.data.load_mnist5k`): a stratified 80/20 split (seed 0) gives 4,0
 500 validation images are carved from the training part (stratified, seed 0) and the teacher trains on the other
 3,500. Validation alone accepts or rolls back RMT-KD rounds; the test split is only measured.
 
-RMT-KD cuts the bottleneck blocks' inner channels (`ffn_width` on ``conv_inner`` sites, the only sites the ResNet
-role table has). Baselines, where they apply to a CNN: truncated SVD of every encoder convolution at one kept
-fraction of its input channels, activation PCA at one energy threshold, both sized to RMT-KD's parameter count and
-distilled as long as RMT-KD trained; the same rounds without distillation; a τ sweep. Layer dropping is not run: the
+RMT-KD (`RMTKDTrainer`, library defaults for every spectral and distillation setting, the user's goal
+``target_params=0.5``, rounds of a few sites, then a final distillation from the uncut teacher) cuts the bottleneck
+blocks' inner channels (`ffn_width` on ``conv_inner`` sites, the only sites the ResNet role table has). Baselines,
+where they apply to a CNN: truncated SVD of every encoder convolution at one kept fraction of its input channels,
+activation PCA at one energy threshold, both sized to RMT-KD's parameter count and distilled as long as RMT-KD
+trained; the same rounds without distillation; a τ sweep with no target. Layer dropping is not run: the
 blocks that could be dropped (the second of each stage) carry no embedding-like bulk to trade against, and the issue
 asks for the baselines "where they apply".
 """
