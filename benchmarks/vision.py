@@ -80,7 +80,7 @@ FULL = VisionBudget(sites_per_round=4, steps_per_round=100, final_steps=300, tau
                     seeds=(0, 1, 2))
 TARGET_PARAMS = 0.5  # the user's goal in this benchmark: half the parameters (the target)
 LEARNING_RATE = 5e-4
-MAX_METRIC_DROP = 0.02  # per-round guard on 500 validation images; the final phase recovers
+MAX_METRIC_DROP = 0.03  # per-round guard on 500 validation images (as in the text benchmark); the final phase recovers
 
 
 def load_data(budget: VisionBudget) -> dict:
