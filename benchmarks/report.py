@@ -31,6 +31,22 @@ TARGETS = {
 SPEED_SHARE_OF_FLOP_CEILING = 0.8
 
 
+def fold_seed_rows(rows: dict[str, dict]) -> dict[str, dict]:
+    """Fold the extra-seed rows (``"<row>_seed<N>"``: accuracy and size only) into ``seed_accuracies`` of their row.
+
+    Returns:
+        A copy of ``rows`` without the extra-seed rows; a row with extra seeds gets ``seed_accuracies`` (its own
+        accuracy first).
+    """
+    folded = {name: dict(row) for name, row in rows.items() if "_seed" not in name}
+    for name, row in rows.items():
+        if "_seed" in name:
+            base = folded.get(name.rsplit("_seed", 1)[0])
+            if base is not None:
+                base.setdefault("seed_accuracies", [base["accuracy"]]).append(row["accuracy"])
+    return folded
+
+
 def summarize(result: dict) -> dict:
     """The summary entry (schema above) of one benchmark's result record."""
     rows = result["rows"]
@@ -166,7 +182,8 @@ def _table(name: str, result: dict) -> list[str]:
 
         lines.append(
             f"| {row_name}{matched} | {accuracy} | {(mean - teacher['accuracy']) * 100:+.2f} "
-            f"| {row['params']:,} | {1 - row['params'] / teacher['params']:.1%} | {row['non_embedding_params']:,} "
+            f"| {row['params']:,} | {1 - row['params'] / teacher['params']:.1%} "
+            f"| {format(row['non_embedding_params'], ',') if 'non_embedding_params' in row else '—'} "
             f"| {size} | {ratio('throughput_ratio_b32')} | {ratio('latency_ratio_b1')} | {ratio('flop_ratio')} "
             f"| {row.get('compression_seconds', '—')} |"
         )
@@ -186,7 +203,24 @@ def _notes(result: dict) -> list[str]:
     return lines
 
 
-def _section(results: dict[str, dict]) -> str:
+def _partial_section(name: str, rows: dict[str, dict]) -> list[str]:
+    """A full-mode run still in progress (or stopped): the rows it has finished, saved by `harness.RowBook`."""
+    rows = fold_seed_rows(rows)
+    lines = [f"### `{name}` (full mode, in progress: {len(rows)} rows so far)", "",
+             f"Rows finished so far by `make bench` (`benchmarks/results/{name}.full.partial.json`; resume with "
+             "`python benchmarks/run.py --only " + name + " --resume`). Seeds folded into a row appear as mean ± std.",
+             ""]
+    if "teacher" not in rows:
+        return lines
+    lines += [*_table(name, {"rows": rows}), ""]
+    if "rmtkd" in rows:
+        lines += ["Targets so far (RMT-KD row; baselines not yet run are not compared):", ""]
+        lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}"
+                  for goal, met, value in targets(name, {"rows": rows})]
+    return lines + [""]
+
+
+def _section(results: dict[str, dict], partial: dict[str, dict] | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -222,6 +256,8 @@ def _section(results: dict[str, dict]) -> str:
         lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}" for goal, met, value in targets(name,
                                                                                                              result)]
         lines.append("")
+    for name, rows in (partial or {}).items():
+        lines += _partial_section(name, rows)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -239,11 +275,14 @@ def _update_readme(section: str, readme: Path) -> None:
 
 def regenerate(results_dir: Path = RESULTS, readme: Path = README) -> dict:
     """Rebuild ``summary.json``, ``frontier.png`` and the README section from the result files present."""
-    results = {}
+    results, partial = {}, {}
     for name in TARGETS:
         path = results_dir / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())
+        running = results_dir / f"{name}.full.partial.json"
+        if running.exists() and not (path.exists() and results[name].get("mode") == "full"):
+            partial[name] = json.loads(running.read_text())["rows"]
     if not results:
         print(f"No benchmark results in {results_dir}; nothing to report.", file=sys.stderr)
         return {}
@@ -251,7 +290,7 @@ def regenerate(results_dir: Path = RESULTS, readme: Path = README) -> dict:
     validate_summary(summary)
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(results, results_dir / "frontier.png")
-    _update_readme(_section(results), readme)
+    _update_readme(_section(results, partial), readme)
     return summary
 
 

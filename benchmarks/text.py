@@ -38,6 +38,7 @@ from baselines import (
 )
 from harness import RowBook, environment, evaluate_accuracy, finish_row, run_rmtkd
 from measure import checkpoint_bytes, embedding_parameters
+from report import fold_seed_rows
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -279,11 +280,8 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
             f"one-shot hf_rmtkd.compress (spectrum_quantile {tau}, every site at once) + {budget.tau_steps} KD steps",
             {"distillation_steps": budget.tau_steps})
 
-    rows = {name: dict(r) for name, r in book.rows.items() if "_seed" not in name}
-    for name in ("rmtkd", strongest):
-        if name is not None:
-            rows[name]["seed_accuracies"] = [rows[name]["accuracy"]] + [
-                book.rows[f"{name}_seed{seed}"]["accuracy"] for seed in budget.seeds[1:]]
+    rows = fold_seed_rows(book.rows)
+
     return {
         "benchmark": "minilm_rt",
         "environment": environment(list(budget.seeds)),

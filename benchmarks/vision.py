@@ -34,6 +34,7 @@ from baselines import (
 )
 from harness import RowBook, environment, evaluate_accuracy, finish_row, run_rmtkd
 from measure import checkpoint_bytes
+from report import fold_seed_rows
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments, set_seed
 
 import hf_rmtkd
@@ -235,11 +236,8 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
                 f"one-shot hf_rmtkd.compress (spectrum_quantile {tau}, every site at once) + {budget.tau_steps} KD "
                 "steps", {"distillation_steps": budget.tau_steps})
 
-    rows = {name: dict(r) for name, r in book.rows.items() if "_seed" not in name}
-    for name in ("rmtkd", strongest):
-        if name is not None:
-            rows[name]["seed_accuracies"] = [rows[name]["accuracy"]] + [
-                book.rows[f"{name}_seed{seed}"]["accuracy"] for seed in budget.seeds[1:]]
+    rows = fold_seed_rows(book.rows)
+
     return {
         "benchmark": "resnet_mnist",
         "environment": environment(list(budget.seeds)),

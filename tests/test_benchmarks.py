@@ -190,3 +190,24 @@ def test_row_book_saves_every_row_and_resumes(tmp_path):
     resumed = harness.RowBook(path, resume=True)
     assert resumed.add("teacher", fail) == {"accuracy": 0.8}
     assert harness.RowBook(path, resume=False).rows == {}
+
+
+def test_extra_seed_rows_fold_into_their_row():
+    rows = {"rmtkd": {"accuracy": 0.8, "params": 10}, "rmtkd_seed1": {"accuracy": 0.7, "params": 10},
+            "pca_energy": {"accuracy": 0.6, "params": 10}, "rmtkd_no_distillation": {"accuracy": 0.5, "params": 10}}
+    folded = report.fold_seed_rows(rows)
+    assert set(folded) == {"rmtkd", "pca_energy", "rmtkd_no_distillation"}
+    assert folded["rmtkd"]["seed_accuracies"] == [0.8, 0.7]
+    assert "seed_accuracies" not in folded["pca_energy"] and "seed_accuracies" not in rows["rmtkd"]
+
+
+def test_a_full_run_in_progress_gets_its_own_readme_section(tmp_path):
+    result = _synthetic_result()
+    (tmp_path / "minilm_rt.json").write_text(json.dumps(result))
+    partial_rows = {"teacher": result["rows"]["teacher"], "rmtkd": result["rows"]["rmtkd"]}
+    (tmp_path / "minilm_rt.full.partial.json").write_text(json.dumps({"rows": partial_rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.regenerate(tmp_path, readme)
+    text = readme.read_text()
+    assert "(full mode, in progress: 2 rows so far)" in text and "Targets so far" in text
