@@ -192,3 +192,16 @@ def test_teacher_copy_is_frozen_and_independent():
     with torch.no_grad():
         model[0].weight.zero_()
     assert teacher[0].weight.abs().sum() > 0
+
+
+def test_hidden_state_loss_is_relative_per_layer_and_masks_padding():
+    from hf_rmtkd.distillation import hidden_state_loss
+
+    teacher = (torch.ones(2, 3, 4), 10 * torch.ones(2, 3, 4))
+    student = (torch.zeros(2, 3, 4), 10 * torch.ones(2, 3, 4))
+    assert float(hidden_state_loss(student, teacher)) == pytest.approx(0.5)  # layer errors 1 and 0, scale-free
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    padded = (torch.ones(2, 3, 4).index_put_((torch.tensor([0]), torch.tensor([2])), torch.tensor(99.0)),)
+    assert float(hidden_state_loss(padded, (torch.ones(2, 3, 4),), mask)) == 0.0  # the differing token is padding
+    with pytest.raises(ValueError, match="hidden state 0"):
+        hidden_state_loss((torch.ones(2, 3, 4),), (torch.ones(2, 3, 5),))

@@ -203,3 +203,24 @@ def test_final_distillation_from_the_uncut_model(tmp_path):
     assert final["kept"] == (final["eval_accuracy"] >= final["eval_accuracy_before"])
     assert trainer.evaluate()["eval_accuracy"] == pytest.approx(max(final["eval_accuracy"],
                                                                     final["eval_accuracy_before"]))
+
+
+def test_feature_distillation_adds_the_hidden_state_term(tmp_path):
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "features"), sites_per_round=3, max_rounds=1, distillation_steps_per_round=2,
+        min_rank=2, max_metric_drop=1.0, distillation_hidden_weight=1.0,
+    )
+    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+    trainer.teacher = hf_rmtkd.distillation.teacher_copy(teacher)
+    batch = {k: torch.tensor(v) for k, v in train[:8].items()}
+    with torch.no_grad():
+        trainer.teacher.bert.embeddings.word_embeddings.weight.mul_(2)  # a teacher whose hidden states differ
+        with_features = trainer.compute_loss(teacher.train(), dict(batch))
+        args.distillation_hidden_weight = 0.0
+        logits_only = trainer.compute_loss(teacher, dict(batch))
+    assert with_features > logits_only
+    args.distillation_hidden_weight = 1.0
+    trainer.teacher = None
+    trainer.train()  # a whole round with the feature term runs
+    assert trainer.rmtkd_log[0]["accepted"]

@@ -12,6 +12,9 @@ Both terms are sums over the real items of a batch (examples, or tokens that car
 ``num_items_in_batch`` when the trainer gives it, which is the item count of the whole accumulated batch, so the
 gradients of the micro-batches add up to exactly the gradient of the whole batch; otherwise the item count of this
 batch. This is how transformers normalises its own token-level losses.
+
+An optional feature term (not in the paper, off by default) adds ``β · hidden_state_loss``: RMT-KD never narrows the
+residual stream, so every hidden state of the student has the teacher's shape and can be matched one to one.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["distillation_loss", "teacher_copy"]
+__all__ = ["distillation_loss", "hidden_state_loss", "teacher_copy"]
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -148,6 +151,44 @@ def distillation_loss(
         task_term = F.cross_entropy(student, targets.long(), reduction="sum") / denominator
     loss = alpha * task_term + (1.0 - alpha) * scaled_teacher_term
     return loss, task_term.detach(), teacher_term.detach()
+
+
+def hidden_state_loss(
+    student_hidden: tuple[torch.Tensor, ...],
+    teacher_hidden: tuple[torch.Tensor, ...],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error between matching hidden states, over real tokens, averaged over the layers.
+
+    Each layer's error is divided by the teacher's mean square there, so every layer weighs alike whatever its scale.
+
+    Args:
+        student_hidden, teacher_hidden: ``output_hidden_states`` of both models, the same number of tensors of the
+            same shapes ((batch, tokens, d) for text, (batch, channels, h, w) for images).
+        attention_mask: (batch, tokens), 1 on real tokens; None counts every position.
+
+    Returns:
+        A scalar tensor (float32 or wider).
+
+    Example:
+        >>> h = (torch.ones(2, 3, 4), torch.ones(2, 3, 4))
+        >>> float(hidden_state_loss(h, tuple(2 * x for x in h)))
+        0.25
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"hidden_state_loss: the student has {len(student_hidden)} hidden states, the teacher "
+                         f"{len(teacher_hidden)}; feature distillation needs the same depth.")
+    losses = []
+    for i, (s, t) in enumerate(zip(student_hidden, teacher_hidden, strict=True)):
+        if s.shape != t.shape:
+            raise ValueError(f"hidden_state_loss: hidden state {i} is {tuple(s.shape)} in the student and "
+                             f"{tuple(t.shape)} in the teacher.")
+        s, t = _at_least_float32(s), _at_least_float32(t)
+        if attention_mask is not None and s.dim() == 3:
+            keep = attention_mask.to(torch.bool)
+            s, t = s[keep], t[keep]
+        losses.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12))
+    return torch.stack(losses).mean()
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:

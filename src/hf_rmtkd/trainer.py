@@ -37,7 +37,7 @@ from .architectures import find_sites
 from .calibration import collect_statistics, measure_sites, recount
 from .checkpoint import save_rmtkd_checkpoint
 from .cut import apply_plan
-from .distillation import distillation_loss, teacher_copy
+from .distillation import distillation_loss, hidden_state_loss, teacher_copy
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import plan_reductions, quantile_for_savings
@@ -115,14 +115,18 @@ class RMTKDTrainer(Trainer):
         """``α·CE + (1−α)·T²·KL(teacher ‖ student)`` while distilling; the task loss alone otherwise (and in eval)."""
         labels = inputs.get("labels")
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**features)
         distilling = self.teacher is not None and model.training
+        match_features = distilling and self.args.distillation_hidden_weight > 0
+        if match_features:
+            features["output_hidden_states"] = True
+        outputs = model(**features)
         # Outside distillation (warm-up, evaluation) the loss is the task loss alone: α = 1, and the student's own
         # detached logits stand in for the teacher (a zero KL term).
         teacher_logits = outputs.logits.detach()
         if distilling:
             with torch.no_grad():
-                teacher_logits = self.teacher(**features).logits
+                teacher_outputs = self.teacher(**features)
+            teacher_logits = teacher_outputs.logits
         loss, ce, kl = distillation_loss(
             outputs.logits, teacher_logits, labels,
             alpha=self.args.distillation_alpha if distilling else 1.0,
@@ -141,6 +145,12 @@ class RMTKDTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # `num_items_in_batch` was summed over processes and DDP averages gradients: undo the average.
             loss = loss * self.accelerator.num_processes
+        if match_features:
+            # A per-batch mean, added after the rescaling above (DDP's average is right for it); divided by the
+            # accumulation steps so the accumulated batch weighs it once.
+            feature_loss = hidden_state_loss(outputs.hidden_states, teacher_outputs.hidden_states,
+                                             features.get("attention_mask"))
+            loss = loss + self.args.distillation_hidden_weight * feature_loss / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -216,6 +216,15 @@ class RMTKDTrainingArguments(TrainingArguments):
             "In [0, 1]; the paper uses 0.7."
         },
     )
+    distillation_hidden_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight beta of a feature term added to the distillation loss: the mean squared error between "
+            "the student's and the teacher's hidden states (each layer's error relative to the teacher's mean "
+            "square, real tokens only). RMT-KD never narrows the residual stream, so the states match one to one. "
+            ">= 0; 0 (the paper's loss, logits only) turns it off."
+        },
+    )
     distillation_temperature: float = field(
         default=1.0,
         metadata={"help": "Softmax temperature T of both distributions in the KL term; > 0."},
@@ -376,6 +385,8 @@ class RMTKDTrainingArguments(TrainingArguments):
         # distillation
         number_in("distillation_alpha", 0, 1, low_open=False, high_open=False)
         positive("distillation_temperature")
+        self._require("distillation_hidden_weight",
+                      _is_number(self.distillation_hidden_weight) and self.distillation_hidden_weight >= 0, "be >= 0")
         # stopping
         target = self.target_params
         is_ratio = _is_number(target) and 0 < target < 1
