@@ -237,7 +237,9 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None) -
     for name, result in results.items():
         env = result["environment"]
         lines += [
-            f"### `{name}` ({result.get('mode', '?')} mode, {result.get('wall_seconds', 0) / 60:.0f} min)",
+            f"### `{name}` ({result.get('mode', '?')} mode, {result.get('wall_seconds', 0) / 60:.0f} min"
+            + (f" for the rows after a resume; {len(result['resumed_rows'])} rows came from the interrupted run)"
+               if result.get("resumed_rows") else ")"),
             "",
             f"{result['data']['test_description']}; {env['cpu']}, torch threads: {env['torch_threads']}, "
             f"load average {env['load_average_at_start'][0]:.1f} at start (a shared machine: timings are noisy); "

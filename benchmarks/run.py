@@ -76,7 +76,10 @@ def main() -> None:
             started = time.perf_counter()
             # Every finished row is saved here at once; the file is removed when the benchmark completes.
             partial = RESULTS / f"{name}.{'quick' if options.quick else 'full'}.partial.json"
-            result = _run(name, options.quick, RowBook(partial, resume=options.resume))
+            book = RowBook(partial, resume=options.resume)
+            resumed = list(book.rows)
+            result = _run(name, options.quick, book)
+            result["resumed_rows"] = resumed  # rows an earlier, interrupted run made: not in wall_seconds
             result["mode"] = "quick" if options.quick else "full"
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
             (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
