@@ -3,10 +3,10 @@
 Data (`hf_rmtkd.data.load_rotten_tomatoes`: stratified 80/20 split, seed 0): 500 validation snippets are carved
 from the training part (stratified, seed 0); the rest is the training set. Full mode fine-tunes the teacher on all of
 it (2 epochs, lr 1e-4, batch 32, at most 64 tokens; the epoch with the better validation accuracy is kept); quick
-mode on its first 4,096 snippets (shuffled, seed 0; 1 epoch), the recipe of ``examples/demo.py``, whose cached
-teacher (``demo_out/teacher``) is reused when its recorded settings match. Every distilled row trains on the
+mode on its first 2,048 snippets (shuffled, seed 0; 1 epoch). A cached teacher (``demo_out/teacher`` or
+``benchmarks/.cache``) is reused when its recorded settings match. Every distilled row trains on the
 teacher's own training set, so no student sees a labelled snippet its teacher did not. Validation alone accepts or
-rolls back RMT-KD rounds and chose the learning rate; the test split (its first 1,000 snippets in quick mode, all
+rolls back RMT-KD rounds and chose the learning rate; the test split (its first 500 snippets in quick mode, all
 2,551 in full mode) is only measured.
 
 Rows: the teacher; RMT-KD (`RMTKDTrainer` with the library defaults for every spectral and distillation setting —
@@ -80,16 +80,19 @@ class TextBudget:
     seeds: tuple[int, ...]  # RMT-KD and the strongest baseline run with each; the other rows with the first
     teacher_train_examples: int | None  # None: the whole training part
     teacher_epochs: float
+    baselines: tuple[str, ...]  # which matched baselines run (quick: the strongest of earlier runs only)
     validation_examples: int = 500
     calibration_examples: int = 256
 
 
-QUICK = TextBudget(test_examples=1000, sites_per_round=64, steps_per_round=50, final_steps=50, tau_steps=0,
-                   runs_b32=10, runs_b1=20, seeds=(0,), teacher_train_examples=4096, teacher_epochs=1.0)
+QUICK = TextBudget(test_examples=500, sites_per_round=64, steps_per_round=100, final_steps=40, tau_steps=0,
+                   runs_b32=5, runs_b1=10, seeds=(0,), teacher_train_examples=2048, teacher_epochs=1.0,
+                   baselines=("pca_energy",))
 # Every site in one round: with 19 sites per round and 150 steps, round 1 (τ raised to about 0.8 to meet the target)
 # fell 5.4 points on validation and was rolled back, so the progressive schedule cut nothing.
 FULL = TextBudget(test_examples=None, sites_per_round=64, steps_per_round=300, final_steps=300, tau_steps=150,
-                  runs_b32=50, runs_b1=100, seeds=(0, 1, 2), teacher_train_examples=None, teacher_epochs=2.0)
+                  runs_b32=50, runs_b1=100, seeds=(0, 1, 2), teacher_train_examples=None, teacher_epochs=2.0,
+                  baselines=("pca_energy", "svd_uniform", "layer_drop"))
 TARGET_PARAMS = 0.2  # the user's goal in this benchmark: 80% fewer parameters (the target)
 LEARNING_RATE = 2e-4  # every distilled row; tried on the validation split only (one value: a one-shot cut recovered)
 MAX_METRIC_DROP = 0.05  # the round guard catches a broken cut (500 validation snippets); the final phase recovers
@@ -254,6 +257,7 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
                        f"{embedding_rank}, then KD",
                        matched({"embedding_rank": embedding_rank}, layer_drop_params(teacher, embedding_rank))),
     }
+    baselines = {name: baselines[name] for name in budget.baselines}
     for name, (make, notes, extra) in baselines.items():
         row(name, lambda make=make: make(first), notes, extra)
 
@@ -290,8 +294,9 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
         "budget": asdict(budget),
         "data": {"train": len(data["train"]), "validation": len(data["validation"]),
                  "test": len(data["test"]),
-                 "test_description": ("first 1,000 snippets of the stratified 20% test split (seed 0)"
-                                      if budget.test_examples else "the whole stratified 20% test split (seed 0)"),
+                 "test_description": (f"first {budget.test_examples:,} snippets of the stratified 20% test split "
+                                      "(seed 0)" if budget.test_examples else
+                                      "the whole stratified 20% test split (seed 0)"),
                  "max_length": MAX_LENGTH, "calibration_examples": budget.calibration_examples},
         "timing_input": f"random token ids, seq_len {MAX_LENGTH}, no padding; batch 32 (throughput), batch 1 "
                         "(latency); teacher and row model alternating in one process",

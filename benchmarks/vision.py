@@ -72,7 +72,7 @@ class VisionBudget:
     calibration_examples: int = 256
 
 
-QUICK = VisionBudget(sites_per_round=64, steps_per_round=60, final_steps=120, tau_steps=0, runs_b32=20, runs_b1=30,
+QUICK = VisionBudget(sites_per_round=64, steps_per_round=60, final_steps=60, tau_steps=0, runs_b32=10, runs_b1=20,
                      seeds=(0,))
 FULL = VisionBudget(sites_per_round=4, steps_per_round=100, final_steps=300, tau_steps=150, runs_b32=50,
                     runs_b1=100, seeds=(0, 1, 2))
