@@ -139,19 +139,26 @@ print(json.dumps((status_kb("VmHWM") - before) / 1024))
 _TEACHER_PEAK: dict[tuple, float] = {}
 
 
-def inference_peak_mb(model: nn.Module, batch: dict) -> float:
-    """Peak memory (MB of RSS) of loading ``model``'s checkpoint and running ``batch`` through it, in a fresh process.
+def inference_peak_mb(checkpoint: str, batch: dict) -> float:
+    """Peak memory (MB of RSS) of loading the saved ``checkpoint`` folder and running ``batch`` through it, in a fresh
+    process.
 
     Measured as the process's peak RSS (``VmHWM``, reset once the imports are done) minus its RSS at that moment
     (Linux only).
     """
-    with tempfile.TemporaryDirectory() as directory:
-        model.save_pretrained(directory)
-        batch_file = str(Path(directory) / "batch.safetensors")
+    with tempfile.TemporaryDirectory() as scratch:
+        batch_file = str(Path(scratch) / "batch.safetensors")
         save_file({k: v.contiguous() for k, v in batch.items()}, batch_file)
-        result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, directory, batch_file,
+        result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, checkpoint, batch_file,
                                  str(torch.get_num_threads())], capture_output=True, text=True, check=True)
     return float(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _size_and_peak(model: nn.Module, batch: dict) -> tuple[int, float]:
+    """Safetensors bytes and inference peak of ``model``, from one save."""
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        return safetensors_size(directory), inference_peak_mb(directory, batch)
 
 
 def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int], dict], *, seq_len: int | None,
@@ -167,15 +174,15 @@ def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int
         warmup: untimed rounds before each timing.
     """
     params = parameter_count(model)
-    size = checkpoint_bytes(model)
+    batch = inputs(32, seq_len)
+    size, peak_model = _size_and_peak(model, batch)
     b32 = compare_speed(teacher, model, inputs, batch_size=32, seq_len=seq_len, runs=runs_b32, warmup=warmup)
     b1 = compare_speed(teacher, model, inputs, batch_size=1, seq_len=seq_len, runs=runs_b1, warmup=warmup)
-    batch = inputs(32, seq_len)
     flops_teacher, flops_model = count_flops(teacher, batch), count_flops(model, batch)
     key = (id(teacher), tuple((k, tuple(v.shape)) for k, v in batch.items()))
     if key not in _TEACHER_PEAK:  # the teacher is the same for every row of a benchmark: measure it once
-        _TEACHER_PEAK[key] = inference_peak_mb(teacher, batch)
-    peak_teacher, peak_model = _TEACHER_PEAK[key], inference_peak_mb(model, batch)
+        _TEACHER_PEAK[key] = _size_and_peak(teacher, batch)[1]
+    peak_teacher = _TEACHER_PEAK[key]
     for timing in (b32, b1):
         timing["original_iqr_s"], timing["compressed_iqr_s"] = list(timing["original_iqr_s"]), list(
             timing["compressed_iqr_s"])
