@@ -261,22 +261,6 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
     for name, (make, notes, extra) in baselines.items():
         row(name, lambda make=make: make(first), notes, extra)
 
-    # Ablation: the same round structure, no distillation.
-    row("rmtkd_no_distillation", lambda: rmtkd_without_distillation(
-        teacher, calibration_inputs, sites_per_round=budget.sites_per_round, kinds=KINDS, min_rank=MIN_RANK,
-        exclude=rmtkd_row["rolled_back_sites"],
-        quantiles=[entry["spectrum_quantile"] for entry in rmtkd_row["log"] if entry["accepted"]]),
-        "RMT-KD's rounds at the τ each used (calibrate the current model, cut the next sites), no training")
-
-    # More seeds for RMT-KD and for the strongest matched baseline (by its first-seed accuracy).
-    strongest = max((n for n in baselines if book.rows[n].get("matched")), key=lambda n: book.rows[n]["accuracy"],
-                    default=None)
-    for seed in budget.seeds[1:]:
-        accuracy_row(f"rmtkd_seed{seed}", rmtkd(seed))
-    if strongest is not None:
-        for seed in budget.seeds[1:]:
-            accuracy_row(f"{strongest}_seed{seed}", lambda seed=seed: baselines[strongest][0](seed))
-
     # τ sweep: the σ² starting quantile, the one knob of the MP edge (no parameter target).
     for tau in (0.3, 0.5, 0.7):
         row(f"tau_{tau}", lambda t=tau: distil(
@@ -285,6 +269,23 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
             data_collator=collator),
             f"one-shot hf_rmtkd.compress (spectrum_quantile {tau}, every site at once) + {budget.tau_steps} KD steps",
             {"distillation_steps": budget.tau_steps})
+
+    # More seeds for the strongest matched baseline (by its first-seed accuracy), then for RMT-KD.
+    strongest = max((n for n in baselines if book.rows[n].get("matched")), key=lambda n: book.rows[n]["accuracy"],
+                    default=None)
+    if strongest is not None:
+        for seed in budget.seeds[1:]:
+            accuracy_row(f"{strongest}_seed{seed}", lambda seed=seed: baselines[strongest][0](seed))
+
+    # Ablation: the same round structure, no distillation.
+    row("rmtkd_no_distillation", lambda: rmtkd_without_distillation(
+        teacher, calibration_inputs, sites_per_round=budget.sites_per_round, kinds=KINDS, min_rank=MIN_RANK,
+        exclude=rmtkd_row["rolled_back_sites"],
+        quantiles=[entry["spectrum_quantile"] for entry in rmtkd_row["log"] if entry["accepted"]]),
+        "RMT-KD's rounds at the τ each used (calibrate the current model, cut the next sites), no training")
+
+    for seed in budget.seeds[1:]:
+        accuracy_row(f"rmtkd_seed{seed}", rmtkd(seed))
 
     rows = fold_seed_rows(book.rows)
 
