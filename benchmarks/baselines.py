@@ -33,7 +33,7 @@ from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.cut import apply_plan
 from hf_rmtkd.distillation import distillation_loss
 from hf_rmtkd.modeling import rmtkd_class_for
-from hf_rmtkd.plan import plan_reductions
+from hf_rmtkd.plan import keep_signal_fraction, plan_reductions
 from hf_rmtkd.reductions import apply_embedding, apply_low_rank, embedding_parameters, low_rank_parameters
 
 __all__ = [
@@ -278,7 +278,7 @@ def layer_drop(teacher: nn.Module, embedding_rank: int | None = None) -> nn.Modu
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def rmtkd_without_distillation(teacher: nn.Module, calibration, *, quantiles: list[float], sites_per_round: int,
+def rmtkd_without_distillation(teacher: nn.Module, calibration, *, rounds: list[dict], sites_per_round: int,
                                kinds, min_rank: int, exclude=(), ffn_method: str = "select",
                                batch_size: int = 64) -> nn.Module:
     """Repeat RMT-KD's round structure (calibrate the current model, cut the next sites) with no training at all.
@@ -286,17 +286,19 @@ def rmtkd_without_distillation(teacher: nn.Module, calibration, *, quantiles: li
     Args:
         teacher: the model to cut (not modified).
         calibration: calibration data (a tokenized `Dataset` without labels, or pixel values).
-        quantiles: the τ of each round the distilled run accepted (with a parameter target it searches τ per round).
+        rounds: the log entries of the rounds the distilled run accepted: each gives the τ (``spectrum_quantile``) and
+            the signal fraction (``signal_fraction``) that round used (with a parameter target the run searches them).
         sites_per_round: sites cut per round, as in that run.
         kinds, min_rank, ffn_method: the run's reduction settings.
         exclude: sites the run rolled back (never cut).
     """
     model = copy.deepcopy(teacher)
     entries: dict = {}
-    for quantile in quantiles:
+    for entry in rounds:
         sites = find_sites(model)
         statistics = collect_statistics(model, calibration, sites, batch_size=batch_size, progress=False)
-        measurements = measure_sites(statistics, sites, quantile=quantile)
+        measurements = measure_sites(statistics, sites, quantile=entry["spectrum_quantile"])
+        measurements = keep_signal_fraction(measurements, entry.get("signal_fraction", 1.0))
         plan = plan_reductions(measurements, model, kinds=kinds, min_rank=min_rank, max_sites=sites_per_round,
                                exclude=set(exclude))
         if not plan.cuts:

@@ -210,8 +210,9 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
     row("rmtkd_no_distillation", lambda: rmtkd_without_distillation(
         teacher, calibration_inputs, sites_per_round=budget.sites_per_round, kinds=KINDS, min_rank=MIN_RANK,
         exclude=rmtkd_row["rolled_back_sites"],
-        quantiles=[entry["spectrum_quantile"] for entry in rmtkd_row["log"] if entry["accepted"]]),
-        "RMT-KD's rounds at the τ each used (calibrate the current model, cut the next sites), no training")
+        rounds=[entry for entry in rmtkd_row["log"] if entry["accepted"]]),
+        "RMT-KD's rounds at the τ and signal fraction each used (calibrate the current model, cut the next sites), "
+        "no training")
 
     strongest = max((n for n in baselines if book.rows[n].get("matched")), key=lambda n: book.rows[n]["accuracy"],
                     default=None)

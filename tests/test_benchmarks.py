@@ -94,7 +94,8 @@ def test_conv_svd_and_no_distillation_rounds_run():
     assert parameter_count(model) == baselines.svd_rank_ratio_params(resnet, 0.25) < parameter_count(resnet)
     _runs(model, "resnet")
     data = [tiny_inputs("resnet", seed=seed) for seed in range(2)]
-    cut = baselines.rmtkd_without_distillation(resnet, data, quantiles=[0.5, 0.5], sites_per_round=1, kinds=KINDS,
+    rounds = [{"spectrum_quantile": 0.5}, {"spectrum_quantile": 0.5, "signal_fraction": 0.8}]
+    cut = baselines.rmtkd_without_distillation(resnet, data, rounds=rounds, sites_per_round=1, kinds=KINDS,
                                              min_rank=2)
     assert parameter_count(cut) < parameter_count(resnet)
     _runs(cut, "resnet")

@@ -15,6 +15,7 @@ from hf_rmtkd.spectrum import (
     mp_density,
     mp_edges,
     mp_quantile,
+    signal_variances,
 )
 
 SHAPES = [(50, 5000), (100, 1000), (200, 800), (150, 300)]  # q = 0.01, 0.1, 0.25, 0.5
@@ -62,6 +63,24 @@ def test_strong_spikes_found_and_sigma2_recovered(d, n, estimator):
         assert result.sigma2 == pytest.approx(sigma2, rel=0.05)
         assert result.threshold >= result.lambda_plus
         assert 0 < result.retained_variance < 1
+
+
+@pytest.mark.parametrize("d,n", [(200, 800), (150, 300)])  # q = 0.25, 0.5: the sample bias is largest
+def test_signal_variances_undo_the_sample_bias_of_spikes(d, n):
+    """Averaged over seeds, the spiked-model inversion recovers the population spikes θ; the raw excess λ − σ²
+    overstates them."""
+    sigma2, q = 0.7, d / n
+    spikes = torch.tensor([20 * sigma2 * math.sqrt(q), 4 * sigma2 * math.sqrt(q)], dtype=torch.float64)
+    found, raw = [], []
+    for seed in range(20):
+        lam, count = spectrum_of(spiked_samples(d, n, sigma2, spikes.tolist(), torch.Generator().manual_seed(seed)))
+        result = count_outliers(lam, count)
+        assert result.k == 2
+        found.append(signal_variances(lam, result))
+        raw.append(lam.sort(descending=True).values[:2] - result.sigma2)
+    found, raw = torch.stack(found).mean(0), torch.stack(raw).mean(0)
+    assert torch.allclose(found, spikes, rtol=0.06)
+    assert ((found - spikes).abs() < (raw - spikes).abs()).all()
 
 
 @pytest.mark.parametrize("d,n", SHAPES)

@@ -146,35 +146,41 @@ def test_peft_model_is_merged_and_lora_recovery_merges_back(tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, trainer.model.eval()(**batch).logits)
 
 
-@pytest.mark.parametrize("search", [True, False])
-def test_parameter_target_is_reached_by_searching_the_quantile(search, tmp_path):
-    """With the search, τ rises until the plan meets the target; without it the spectrum's own cut is the most."""
+@pytest.mark.parametrize("search", ["signal_fraction", "quantile", "none"])
+def test_parameter_target_is_reached_by_the_target_search(search, tmp_path):
+    """Either search cuts until the plan meets the target; without one the spectrum's own cut is the most."""
     teacher, train, test, metrics = teacher_for("bert", tmp_path)
     original = teacher.num_parameters()
     args = RMTKDTrainingArguments(
         **common_args(tmp_path / "target"), sites_per_round=64, max_rounds=2, distillation_steps_per_round=2,
-        min_rank=2, max_metric_drop=1.0, target_params=0.3, search_quantile_for_target=search,
+        min_rank=2, max_metric_drop=1.0, target_params=0.3, target_search=search,
     )
     trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
     trainer.train()
     first = trainer.rmtkd_log[0]
-    if search:
-        assert first["spectrum_quantile"] > args.spectrum_quantile
+    assert (first["spectrum_quantile"] > args.spectrum_quantile) == (search == "quantile")
+    assert (first["signal_fraction"] < 1) == (search == "signal_fraction")
+    if search == "none":
+        assert trainer.model.num_parameters() > round(0.3 * original)
+    else:
         assert trainer.model.num_parameters() <= round(0.3 * original)
         assert trainer.rmtkd_stop_reason.startswith("parameter target met")
-    else:
-        assert first["spectrum_quantile"] == args.spectrum_quantile
-        assert trainer.model.num_parameters() > round(0.3 * original)
 
 
-def test_quantile_search_returns_the_smallest_tau_that_saves_enough():
-    from hf_rmtkd.calibration import calibrate, recount
-    from hf_rmtkd.plan import MAX_QUANTILE, plan_reductions, quantile_for_savings
+def _calibrated_tiny_bert():
+    from hf_rmtkd.calibration import calibrate
 
     model = tiny_model("bert").eval()
     data = [{k: torch.tensor(v) for k, v in text_task(64, 0)[i * 32:(i + 1) * 32].items() if k != "labels"}
             for i in range(2)]
-    measurements = calibrate(model, data, progress=False)
+    return model, calibrate(model, data, progress=False)
+
+
+def test_quantile_search_returns_the_smallest_tau_that_saves_enough():
+    from hf_rmtkd.calibration import recount
+    from hf_rmtkd.plan import MAX_QUANTILE, plan_reductions, quantile_for_savings
+
+    model, measurements = _calibrated_tiny_bert()
 
     def saved(tau):
         return plan_reductions(recount(measurements, quantile=tau), model, min_rank=2).params_saved
@@ -188,6 +194,36 @@ def test_quantile_search_returns_the_smallest_tau_that_saves_enough():
                                 min_rank=2) == 0.5
     assert quantile_for_savings(lambda t: recount(measurements, quantile=t), model, at_max + 1, start=0.5,
                                 min_rank=2) == MAX_QUANTILE
+
+
+def test_signal_fraction_search_returns_the_largest_fraction_that_saves_enough():
+    from hf_rmtkd.plan import keep_signal_fraction, plan_reductions, signal_fraction_for_savings
+
+    model, measurements = _calibrated_tiny_bert()
+
+    def saved(fraction):
+        return plan_reductions(keep_signal_fraction(measurements, fraction), model, min_rank=2).params_saved
+
+    at_one, at_zero = saved(1.0), saved(0.0)
+    assert at_zero > at_one  # keeping less of the signal cuts more
+    needed = (at_one + at_zero) // 2
+    fraction = signal_fraction_for_savings(measurements, model, needed, min_rank=2)
+    assert saved(fraction) >= needed > saved(fraction + 1e-3)
+    assert signal_fraction_for_savings(measurements, model, at_one, min_rank=2) == 1.0
+    assert signal_fraction_for_savings(measurements, model, at_zero + 1, min_rank=2) == 0.0
+
+
+def test_keep_signal_fraction_never_keeps_more_than_the_outliers():
+    from hf_rmtkd.plan import keep_signal_fraction
+
+    _, measurements = _calibrated_tiny_bert()
+    for fraction in (0.0, 0.3, 0.9, 1.0):
+        kept = keep_signal_fraction(measurements, fraction)
+        assert all(min(1, m.k) <= k.k <= m.k for m, k in zip(measurements, kept, strict=True))
+    assert [m.k for m in keep_signal_fraction(measurements, 1.0)] == [m.k for m in measurements]
+    assert [m.k for m in keep_signal_fraction(measurements, 0.0)] == [min(1, m.k) for m in measurements]
+    with pytest.raises(ValueError, match="fraction"):
+        keep_signal_fraction(measurements, 1.5)
 
 
 def test_final_distillation_from_the_uncut_model(tmp_path):

@@ -15,13 +15,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+import torch
 from torch import nn
 
 from .calibration import SiteMeasurement
+from .spectrum import signal_variances
 
-__all__ = ["KIND_FOR_ROLE", "MAX_QUANTILE", "Plan", "PlannedCut", "plan_reductions", "quantile_for_savings"]
+__all__ = [
+    "KIND_FOR_ROLE",
+    "MAX_QUANTILE",
+    "Plan",
+    "PlannedCut",
+    "keep_signal_fraction",
+    "plan_reductions",
+    "quantile_for_savings",
+    "signal_fraction_for_savings",
+]
 
 KIND_FOR_ROLE = {
     "embedding": "embedding",
@@ -202,6 +213,27 @@ def plan_reductions(
     return Plan(cuts, skipped)
 
 
+def _gentlest_that_saves(saves_enough: Callable[[float], bool], gentle: float, harsh: float, steps: int) -> float:
+    """Bisect a cut knob between ``gentle`` and ``harsh`` for the value nearest ``gentle`` whose plan saves enough.
+
+    ``gentle`` itself when it suffices; ``harsh`` when even it does not.
+    """
+    if saves_enough(gentle):
+        return gentle
+    if not saves_enough(harsh):
+        return harsh
+    for _ in range(steps):
+        middle = (gentle + harsh) / 2
+        gentle, harsh = (gentle, middle) if saves_enough(middle) else (middle, harsh)
+    return harsh
+
+
+def _whole_plan_saves(model: nn.Module, needed: int, plan_options: dict) -> Callable[[list[SiteMeasurement]], bool]:
+    # max_sites / max_savings are ignored: the plan over every site must reach the target.
+    options = {**plan_options, "max_sites": None, "max_savings": None}
+    return lambda measurements: plan_reductions(measurements, model, **options).params_saved >= needed
+
+
 def quantile_for_savings(
     count_at: Callable[[float], list[SiteMeasurement]],
     model: nn.Module,
@@ -213,8 +245,8 @@ def quantile_for_savings(
 ) -> float:
     """The smallest quantile τ in ``[start, MAX_QUANTILE]`` whose plan over every site saves ``needed`` parameters.
 
-    A larger τ raises the σ² estimate and so the MP edge, and every site keeps fewer directions; the spectrum still
-    decides how the cut is shared between sites. Only parameter counts are compared, never a metric.
+    A larger τ raises the σ² estimate and so the MP edge, and every site keeps fewer directions. Only parameter
+    counts are compared, never a metric. (The trainer's default under a target is `signal_fraction_for_savings`.)
 
     Args:
         count_at: ``τ -> measurements`` with the outliers counted at τ (e.g. `calibration.recount`).
@@ -222,23 +254,75 @@ def quantile_for_savings(
         needed: parameters the plan must save.
         start: the configured τ; returned unchanged when it already saves enough.
         steps: bisection steps.
-        plan_options: passed to `plan_reductions` (``max_sites`` and ``max_savings`` are ignored: the whole plan must
-            reach the target).
+        plan_options: passed to `plan_reductions`.
 
     Returns:
         The τ found; ``MAX_QUANTILE`` when even it does not save enough.
     """
-    plan_options = {**plan_options, "max_sites": None, "max_savings": None}
+    saves = _whole_plan_saves(model, needed, plan_options)
+    return _gentlest_that_saves(lambda quantile: saves(count_at(quantile)), start, MAX_QUANTILE, steps)
 
-    def saves_enough(quantile: float) -> bool:
-        return plan_reductions(count_at(quantile), model, **plan_options).params_saved >= needed
 
-    if saves_enough(start):
-        return start
-    if not saves_enough(MAX_QUANTILE):
-        return MAX_QUANTILE
-    low, high = start, MAX_QUANTILE
-    for _ in range(steps):
-        mid = (low + high) / 2
-        low, high = (low, mid) if saves_enough(mid) else (mid, high)
-    return high
+def _signal_rank(measurement: SiteMeasurement, fraction: float) -> int:
+    """The fewest outliers holding ``fraction`` of the site's signal variance (all k at fraction 1)."""
+    signal = signal_variances(measurement.eigenvalues, measurement.outliers)
+    if fraction >= 1 or signal.numel() == 0 or float(signal.sum()) <= 0:
+        return measurement.k
+    held = torch.cumsum(signal, 0) / signal.sum()
+    return min(measurement.k, int((held < fraction).sum()) + 1)
+
+
+def keep_signal_fraction(measurements: list[SiteMeasurement], fraction: float) -> list[SiteMeasurement]:
+    """The measurements with each site's k lowered to the fewest outliers holding ``fraction`` of its signal.
+
+    A site's signal is the variance its outlier directions carry above the noise (`spectrum.signal_variances`); the
+    bulk carries none, so no direction below the MP edge is ever kept. Keeping the same fraction everywhere lets the
+    spectrum decide how a parameter target is shared between sites: a site whose signal is spread over many
+    directions keeps many.
+
+    Example:
+        >>> kept = keep_signal_fraction(measurements, 0.9)  # doctest: +SKIP
+        >>> [m.k for m in kept] <= [m.k for m in measurements]  # doctest: +SKIP
+        True
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    kept = []
+    for m in measurements:
+        k = _signal_rank(m, fraction)
+        if k == m.k:
+            kept.append(m)
+            continue
+        total = float(m.eigenvalues.clamp(min=0).sum())
+        retained = float(m.eigenvalues[:k].clamp(min=0).sum()) / total if total > 0 else 0.0
+        note = f"{k} of the {m.k} outliers: those holding {fraction:.4f} of the signal variance"
+        kept.append(replace(m, outliers=replace(m.outliers, k=k, retained_variance=retained, note=note)))
+    return kept
+
+
+def signal_fraction_for_savings(
+    measurements: list[SiteMeasurement],
+    model: nn.Module,
+    needed: int,
+    *,
+    steps: int = 30,
+    **plan_options,
+) -> float:
+    """The largest signal fraction f in ``[0, 1]`` whose plan over every site saves ``needed`` parameters.
+
+    Every site keeps the fewest outliers holding f of its signal variance (`keep_signal_fraction`); f = 1 is the
+    spectrum's own cut. Only parameter counts are compared, never a metric.
+
+    Args:
+        measurements: the sites' spectra counted at the configured τ.
+        model: the base model the site paths refer to.
+        needed: parameters the plan must save.
+        steps: bisection steps.
+        plan_options: passed to `plan_reductions`.
+
+    Returns:
+        The f found: 1.0 when the spectrum's cut already saves enough, 0.0 (one direction per site, before
+        ``min_rank``) when even that does not.
+    """
+    saves = _whole_plan_saves(model, needed, plan_options)
+    return _gentlest_that_saves(lambda f: saves(keep_signal_fraction(measurements, f)), 1.0, 0.0, steps)

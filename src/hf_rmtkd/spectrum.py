@@ -11,6 +11,9 @@ Read top to bottom, this is the whole spectral method (DESIGN §2, steps 1–4):
 4. `count_outliers` keeps the eigenvalues strictly above the edge. The largest eigenvalue of pure noise fluctuates
    around λ₊ on the Tracy–Widom scale, so the default edge adds that finite-sample margin (and the uncertainty of σ²),
    which keeps pure noise at k = 0; ``edge="bare"`` is the paper's λ₊.
+5. `signal_variances` undoes the upward bias of each outlier (the spiked-covariance law): the variance its direction
+   carries above the noise. A parameter target below the spectrum's own cut keeps the same fraction of this signal at
+   every site (`plan.signal_fraction_for_savings`).
 
 Only torch is used; nothing here knows about ``nn.Module``.
 """
@@ -33,6 +36,7 @@ __all__ = [
     "mp_density",
     "mp_edges",
     "mp_quantile",
+    "signal_variances",
     "tracy_widom_edge",
 ]
 
@@ -461,3 +465,33 @@ def _sigma2_margin(lam: torch.Tensor, sigma2: float, q: float, lam_plus: float) 
         return 0.0
     relative_error = float(bulk.std()) / float(bulk.mean()) / math.sqrt(bulk.numel())
     return 2.0 * relative_error * lam_plus
+
+
+def signal_variances(eigenvalues: torch.Tensor, outliers: OutlierCount) -> torch.Tensor:
+    """The variance each outlier direction carries above the noise floor, undoing the sample bias (descending).
+
+    In the spiked covariance model (noise σ²I plus a spike of population variance ℓσ², ℓ > 1 + √q), the sample
+    eigenvalue lands at ``λ = σ²·ℓ(1 + q/(ℓ − 1))`` (Baik–Ben Arous–Péché), above the spike itself. Solving for ℓ,
+    ``ℓ² − (x + 1 − q)ℓ + x = 0`` with ``x = λ/σ²`` (the larger root), gives the direction's signal variance
+    ``(ℓ − 1)σ²``. Eigenvalues inside the bulk carry none, so only the k outliers are returned.
+
+    Args:
+        eigenvalues: the spectrum the count was made on, shape (d,), any order.
+        outliers: its `count_outliers` result.
+
+    Returns:
+        Shape (k,) float64, non-negative, for the k largest eigenvalues.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(20000, 50, generator=g, dtype=torch.float64)
+        >>> x[:, 0] *= 3.0  # a spike of variance 9: signal 8 above the noise variance 1
+        >>> lam = torch.linalg.eigvalsh(x.T @ x / 20000)
+        >>> abs(float(signal_variances(lam, count_outliers(lam, 20000))[0]) - 8.0) < 0.2
+        True
+    """
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten().sort(descending=True).values
+    x = lam[: outliers.k] / outliers.sigma2
+    b = x + 1 - outliers.q
+    spike = (b + torch.sqrt((b * b - 4 * x).clamp_min(0))) / 2
+    return (spike - 1).clamp_min(0) * outliers.sigma2

@@ -40,7 +40,7 @@ from .cut import apply_plan
 from .distillation import distillation_loss, hidden_state_loss, teacher_copy
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
-from .plan import plan_reductions, quantile_for_savings
+from .plan import keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
 from .training_args import RMTKDTrainingArguments
 from .utils import write_text_atomic
 
@@ -93,6 +93,7 @@ class RMTKDTrainer(Trainer):
         self._nonfinite_loss = False
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "n": 0}
         self._quantile = args.spectrum_quantile
+        self._signal_fraction = 1.0
         self.rmtkd_final: dict | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -207,8 +208,8 @@ class RMTKDTrainer(Trainer):
     def _spectrum_settings(self) -> dict:
         a = self.args
         return dict(centre=a.calibration_centre, estimator=a.spectrum_estimator, quantile=self._quantile,
-                    edge=a.spectrum_edge, effective_samples=a.effective_samples, min_rank=a.min_rank,
-                    ffn_method=a.ffn_width_method)
+                    signal_fraction=self._signal_fraction, edge=a.spectrum_edge, effective_samples=a.effective_samples,
+                    min_rank=a.min_rank, ffn_method=a.ffn_width_method)
 
     def _count_at(self, measurements, quantile: float):
         a = self.args
@@ -216,31 +217,42 @@ class RMTKDTrainer(Trainer):
                        effective_samples=a.effective_samples)
 
     def _plan(self, measurements, excluded: set[str], needed: int):
-        """Plan this round's cuts; with a target still ``needed`` parameters away, first search τ to reach it.
+        """Plan this round's cuts; with a target still ``needed`` parameters away, first search how far to cut.
+
+        ``args.target_search`` picks the knob: the signal fraction every site keeps, or the quantile τ.
 
         Returns:
-            ``(plan, measurements)``, the measurements counted at the τ the plan used (``self._quantile``).
+            ``(plan, measurements)``, the measurements counted as the plan used them (``self._quantile``,
+            ``self._signal_fraction``).
         """
         args, base = self.args, base_of(self.model)
         options = dict(kinds=args.reduction_kinds, min_rank=args.min_rank, exclude=excluded)
-        plan, quantile = None, args.spectrum_quantile
+        plan, quantile, fraction = None, args.spectrum_quantile, 1.0
+        search = args.target_search if needed > 0 else "none"
         if self.accelerator.is_main_process:
-            if needed > 0 and args.search_quantile_for_target:
+            if search == "quantile":
                 quantile = quantile_for_savings(lambda t: self._count_at(measurements, t), base, needed,
                                                 start=args.spectrum_quantile, **options)
-                if quantile != args.spectrum_quantile:
-                    measurements = self._count_at(measurements, quantile)
+            elif search == "signal_fraction":
+                fraction = signal_fraction_for_savings(measurements, base, needed, **options)
+            measurements = self._counted(measurements, quantile, fraction)
             # With a target, the round stops adding sites once it is met (shallow sites first), not overshooting it.
             plan = plan_reductions(measurements, base, max_sites=args.sites_per_round,
                                    max_savings=needed if needed > 0 else None, **options)
-        # Sync point: the plan and τ are decided once, on the main process, and every process installs the same
-        # plan (an eigenvalue sitting at the edge could otherwise flip a rank between processes).
+        # Sync point: the plan and the knobs are decided once, on the main process, and every process installs the
+        # same plan (an eigenvalue sitting at the edge could otherwise flip a rank between processes).
         if self.accelerator.num_processes > 1:
-            plan, quantile = broadcast_object_list([plan, quantile], from_process=0)
-            if not self.accelerator.is_main_process and quantile != args.spectrum_quantile:
-                measurements = self._count_at(measurements, quantile)
-        self._quantile = quantile
+            plan, quantile, fraction = broadcast_object_list([plan, quantile, fraction], from_process=0)
+            if not self.accelerator.is_main_process:
+                measurements = self._counted(measurements, quantile, fraction)
+        self._quantile, self._signal_fraction = quantile, fraction
         return plan, measurements
+
+    def _counted(self, measurements, quantile: float, fraction: float):
+        """The measurements as a plan at ``quantile`` keeping ``fraction`` of each site's signal sees them."""
+        if quantile != self.args.spectrum_quantile:
+            measurements = self._count_at(measurements, quantile)
+        return keep_signal_fraction(measurements, fraction) if fraction < 1 else measurements
 
     def _cut(self, plan, measurements) -> None:
         base = base_of(self.model)
@@ -378,6 +390,7 @@ class RMTKDTrainer(Trainer):
                 "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
                           for c in plan.cuts},
                 "spectrum_quantile": self._quantile,
+                "signal_fraction": self._signal_fraction,
                 "params_before": params,
                 "params_after_cut": self.model.num_parameters(),
                 f"{self.metric_name}_after_cut": after_cut,

@@ -41,6 +41,7 @@ from .spectrum import EDGES, ESTIMATORS
 __all__ = ["RMTKDTrainingArguments"]
 
 EFFECTIVE_SAMPLES = ("tokens", "sequences")
+TARGET_SEARCHES = ("signal_fraction", "quantile", "none")
 
 
 def _is_number(value) -> bool:
@@ -238,13 +239,16 @@ class RMTKDTrainingArguments(TrainingArguments):
             "original count (0.2 keeps a fifth), a whole number >= 1 is an absolute count. None: no target."
         },
     )
-    search_quantile_for_target: bool = field(
-        default=True,
+    target_search: str = field(
+        default="signal_fraction",
         metadata={
-            "help": "When target_params is set and the spectrum at spectrum_quantile would leave the model above it, "
-            "raise the quantile tau (bisection on parameter counts alone, never on a metric) until the cuts of the "
-            "sites left reach the target; the spectrum still decides how the cut is shared between sites. The tau "
-            "used is logged per round. False: the spectrum's own cut is the most a run removes."
+            "help": "How a round reaches target_params when the spectrum's own cut (every outlier above the MP edge) "
+            "would leave the model above it; searched on parameter counts alone, never on a metric. "
+            "'signal_fraction' (default): every site keeps the fewest outliers holding the same fraction of its "
+            "signal variance (the variance above the noise, spiked-model debiased), so a site whose signal is spread "
+            "over many directions keeps many. 'quantile': raise the quantile tau (and so the edge) at every site. "
+            "'none': the spectrum's own cut is the most a run removes. The fraction or tau used is in the round log.",
+            "choices": list(TARGET_SEARCHES),
         },
     )
     max_metric_drop: float = field(
@@ -396,7 +400,7 @@ class RMTKDTrainingArguments(TrainingArguments):
             target is None or is_ratio or is_count,
             "be None, a ratio in (0, 1) of the original parameter count, or a whole number >= 1 of parameters",
         )
-        boolean("search_quantile_for_target")
+        one_of("target_search", TARGET_SEARCHES)
         self._require("max_metric_drop", _is_number(self.max_metric_drop) and self.max_metric_drop >= 0, "be >= 0")
         number_in("min_keep_ratio", 0, 1, low_open=False, high_open=True)
         self._require(
