@@ -97,7 +97,10 @@ FULL = TextBudget(test_examples=None, sites_per_round=64, steps_per_round=300, f
                   baselines=("pca_energy", "svd_uniform", "layer_drop"), compare_target_search=True)
 TARGET_PARAMS = 0.2  # the user's goal in this benchmark: 80% fewer parameters (the target)
 LEARNING_RATE = 2e-4  # every distilled row; tried on the validation split only (one value: a one-shot cut recovered)
-MAX_METRIC_DROP = 0.05  # the round guard catches a broken cut (500 validation snippets); the final phase recovers
+# The round guard catches a broken cut, not the cost of an 80% cut: on the 500 validation snippets (standard error of a
+# difference about 2 points) the one round lands 4.6 (τ search) and 5.4 (signal fraction) points below the teacher
+# after its 300 steps; at 0.05 the latter was rolled back, leaving the teacher uncut. Chosen on validation only.
+MAX_METRIC_DROP = 0.08
 
 
 def teacher_settings(budget: TextBudget) -> dict:
@@ -241,6 +244,10 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
     energy = match_parameter(lambda t: pca_energy_params(teacher, measurements, t, kinds=KINDS, min_rank=MIN_RANK),
                              target, 0.05, 0.99999, integer=False)
     embedding_rank = int(match_parameter(lambda r: layer_drop_params(teacher, int(r)), target, 1, 384, integer=True))
+    smallest = layer_drop_params(teacher, 1)
+    layer_drop_limit = ("" if smallest <= target * (1 + MATCH_TOLERANCE) else
+                        f"; cannot match: the kept layers alone leave {smallest:,} parameters even with a rank-1 "
+                        "embedding, so this row is larger than RMT-KD's and its embedding is all but erased")
 
     def kd(model, seed):
         return distil(model, teacher, train, steps=steps, args=_kd_args(seed), data_collator=collator)
@@ -256,7 +263,7 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
                         matched({"rank": rank}, svd_uniform_params(teacher, rank))),
         "layer_drop": (lambda seed: kd(layer_drop(teacher, embedding_rank), seed),
                        f"encoder layers 0, 2, 4 kept (DistilBERT-style init), token embedding at SVD rank "
-                       f"{embedding_rank}, then KD",
+                       f"{embedding_rank}, then KD" + layer_drop_limit,
                        matched({"embedding_rank": embedding_rank}, layer_drop_params(teacher, embedding_rank))),
     }
     baselines = {name: baselines[name] for name in budget.baselines}
