@@ -13,16 +13,17 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import torch
+from baselines import distil, rmtkd_without_distillation
 from measure import measure_row, rapl_files, timed
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import hf_rmtkd
-from hf_rmtkd.bench import cpu_name
+from hf_rmtkd.bench import cpu_name, parameter_count
 from hf_rmtkd.metrics import compute_accuracy
 from hf_rmtkd.utils import write_text_atomic
 
-__all__ = ["RowBook", "environment", "evaluate_accuracy", "finish_row", "run_rmtkd"]
+__all__ = ["RowBook", "Rows", "environment", "evaluate_accuracy", "finish_row", "run_rmtkd"]
 
 PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "numpy", "psutil")
 
@@ -135,3 +136,68 @@ def finish_row(name: str, teacher: nn.Module, compress, *, test, collator, input
     print(f"[{name}] accuracy {row['accuracy']:.4f}, params {row['params']:,}, x{row['throughput_ratio_b32']:.2f} "
           f"b32, x{row['latency_ratio_b1']:.2f} b1, flops x{row['flop_ratio']:.2f}, {seconds:.0f} s", flush=True)
     return model, row
+
+
+class Rows:
+    """The rows of one benchmark, made the same way in every benchmark: timed rows, accuracy-only seed rows, sizes
+    matched to RMT-KD's, and the rows that follow the baselines (τ sweep, extra seeds, the no-distillation ablation).
+
+    Example:
+        >>> rows = Rows(book, teacher, test=data["test"], collator=collator, inputs=inputs, seq_len=64,
+        ...             runs_b32=50, runs_b1=100)  # doctest: +SKIP
+        >>> rows.timed("svd_uniform", lambda: svd_uniform(teacher, 58), "weight SVD at rank 58")  # doctest: +SKIP
+    """
+
+    def __init__(self, book: RowBook, teacher: nn.Module, *, test, collator, inputs, seq_len, runs_b32: int,
+                 runs_b1: int):
+        self.book, self.teacher, self.test, self.collator = book, teacher, test, collator
+        self.measure = dict(inputs=inputs, seq_len=seq_len, runs_b32=runs_b32, runs_b1=runs_b1)
+
+    def timed(self, name: str, compress, notes: str, extra: dict | None = None) -> dict:
+        """A full row (`finish_row`): accuracy, sizes, speed, memory."""
+        return self.book.add(name, lambda: finish_row(name, self.teacher, compress, test=self.test,
+                                                      collator=self.collator, notes=notes, extra=extra,
+                                                      **self.measure)[1])
+
+    def accuracy_only(self, name: str, compress) -> dict:
+        """Another seed of a row: accuracy and size only (speed is the first seed's)."""
+        def make():
+            model = compress()
+            model = model[0] if isinstance(model, tuple) else model
+            accuracy = evaluate_accuracy(model.eval(), self.test, collator=self.collator)
+            print(f"[{name}] accuracy {accuracy:.4f}", flush=True)
+            return {"accuracy": accuracy, "params": parameter_count(model)}
+        return self.book.add(name, make)
+
+    @staticmethod
+    def matched(extra: dict, params: int, *, target: int, steps: int, tolerance: float) -> dict:
+        """A baseline's size record: its deviation from RMT-KD's count, whether within ``tolerance``, its steps."""
+        deviation = params / target - 1
+        return {**extra, "param_deviation_from_rmtkd": deviation, "matched": abs(deviation) <= tolerance,
+                "distillation_steps": steps}
+
+    def tau_sweep(self, calibration, train, *, steps: int, kd_args, min_rank: int, taus=(0.3, 0.5, 0.7)) -> None:
+        """The σ² starting quantile τ, the one knob of the MP edge: a one-shot cut at each τ (no target) + KD."""
+        for tau in taus:
+            self.timed(f"tau_{tau}", lambda t=tau: distil(
+                hf_rmtkd.compress(self.teacher, calibration, quantile=t, min_rank=min_rank, batch_size=64,
+                                  progress=False), self.teacher, train, steps=steps, args=kd_args,
+                data_collator=self.collator),
+                f"one-shot hf_rmtkd.compress (spectrum_quantile {tau}, every site at once) + {steps} KD steps",
+                {"distillation_steps": steps})
+
+    def strongest_seeds(self, baselines: dict, seeds) -> None:
+        """More seeds for the matched baseline most accurate at the first seed; ``baselines``: name -> (make, ...)."""
+        matched = [name for name in baselines if self.book.rows[name].get("matched")]
+        if matched:
+            strongest = max(matched, key=lambda name: self.book.rows[name]["accuracy"])
+            for seed in seeds:
+                self.accuracy_only(f"{strongest}_seed{seed}", lambda seed=seed: baselines[strongest][0](seed))
+
+    def ablation(self, rmtkd_row: dict, calibration, *, sites_per_round: int, kinds, min_rank: int) -> None:
+        """RMT-KD's accepted rounds (their τ and signal fraction) repeated with no distillation at all."""
+        self.timed("rmtkd_no_distillation", lambda: rmtkd_without_distillation(
+            self.teacher, calibration, sites_per_round=sites_per_round, kinds=kinds, min_rank=min_rank,
+            exclude=rmtkd_row["rolled_back_sites"], rounds=[entry for entry in rmtkd_row["log"] if entry["accepted"]]),
+            "RMT-KD's rounds at the τ and signal fraction each used (calibrate the current model, cut the next "
+            "sites), no training")

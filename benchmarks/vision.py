@@ -28,11 +28,10 @@ from baselines import (
     match_parameter,
     pca_energy,
     pca_energy_params,
-    rmtkd_without_distillation,
     svd_rank_ratio,
     svd_rank_ratio_params,
 )
-from harness import RowBook, environment, evaluate_accuracy, finish_row, run_rmtkd
+from harness import RowBook, Rows, environment, evaluate_accuracy, run_rmtkd
 from measure import checkpoint_bytes
 from report import fold_seed_rows
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments, set_seed
@@ -143,20 +142,8 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     calibration_inputs = calibration.remove_columns("labels")
 
-    def row(name, compress, notes, extra=None):
-        return book.add(name, lambda: finish_row(
-            name, teacher, compress, test=data["test"], collator=None, inputs=_inputs, seq_len=None,
-            runs_b32=budget.runs_b32, runs_b1=budget.runs_b1, notes=notes, extra=extra)[1])
-
-    def accuracy_row(name, compress):
-        """Another seed of a row: accuracy and size only (speed is the first seed's)."""
-        def make():
-            model = compress()
-            model = model[0] if isinstance(model, tuple) else model
-            accuracy = evaluate_accuracy(model.eval(), data["test"])
-            print(f"[{name}] accuracy {accuracy:.4f}", flush=True)
-            return {"accuracy": accuracy, "params": parameter_count(model)}
-        return book.add(name, make)
+    rows = Rows(book, teacher, test=data["test"], collator=None, inputs=_inputs, seq_len=None,
+                runs_b32=budget.runs_b32, runs_b1=budget.runs_b1)
 
     def rmtkd(seed, quantile=0.5, target=TARGET_PARAMS):
         return lambda: run_rmtkd(teacher, _rmtkd_args(budget, seed, quantile, target), train=data["train"],
@@ -173,15 +160,13 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
     print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)
 
     first = budget.seeds[0]
-    rmtkd_row = row("rmtkd", rmtkd(first), f"RMTKDTrainer, library defaults but target_params {TARGET_PARAMS}, "
-                    f"max_metric_drop {MAX_METRIC_DROP}, lr {LEARNING_RATE}; {budget.sites_per_round} sites per "
-                    f"round, {budget.steps_per_round} steps per round, {budget.final_steps} final steps")
+    rmtkd_row = rows.timed("rmtkd", rmtkd(first), f"RMTKDTrainer, library defaults but target_params {TARGET_PARAMS}, "
+                           f"max_metric_drop {MAX_METRIC_DROP}, lr {LEARNING_RATE}; {budget.sites_per_round} sites "
+                           f"per round, {budget.steps_per_round} steps per round, {budget.final_steps} final steps")
     target, steps = rmtkd_row["params"], rmtkd_row["distillation_steps"]
 
     def matched(extra: dict, params: int) -> dict:
-        deviation = params / target - 1
-        return {**extra, "param_deviation_from_rmtkd": deviation, "matched": abs(deviation) <= MATCH_TOLERANCE,
-                "distillation_steps": steps}
+        return Rows.matched(extra, params, target=target, steps=steps, tolerance=MATCH_TOLERANCE)
 
     def kd(model, seed):
         return distil(model, teacher, data["train"], steps=steps, args=_kd_args(seed))
@@ -205,31 +190,15 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
                            matched({"rank_ratio": ratio}, svd_rank_ratio_params(teacher, ratio))),
     }
     for name, (make, notes, extra) in baselines.items():
-        row(name, lambda make=make: make(first), notes, extra)
+        rows.timed(name, lambda make=make: make(first), notes, extra)
 
-    row("rmtkd_no_distillation", lambda: rmtkd_without_distillation(
-        teacher, calibration_inputs, sites_per_round=budget.sites_per_round, kinds=KINDS, min_rank=MIN_RANK,
-        exclude=rmtkd_row["rolled_back_sites"],
-        rounds=[entry for entry in rmtkd_row["log"] if entry["accepted"]]),
-        "RMT-KD's rounds at the τ and signal fraction each used (calibrate the current model, cut the next sites), "
-        "no training")
-
-    strongest = max((n for n in baselines if book.rows[n].get("matched")), key=lambda n: book.rows[n]["accuracy"],
-                    default=None)
+    rows.tau_sweep(calibration_inputs, data["train"], steps=budget.tau_steps, kd_args=_kd_args(first),
+                   min_rank=MIN_RANK)
+    rows.strongest_seeds(baselines, budget.seeds[1:])
+    rows.ablation(rmtkd_row, calibration_inputs, sites_per_round=budget.sites_per_round, kinds=KINDS,
+                  min_rank=MIN_RANK)
     for seed in budget.seeds[1:]:
-        accuracy_row(f"rmtkd_seed{seed}", rmtkd(seed))
-    if strongest is not None:
-        for seed in budget.seeds[1:]:
-            accuracy_row(f"{strongest}_seed{seed}", lambda seed=seed: baselines[strongest][0](seed))
-
-    for tau in (0.3, 0.5, 0.7):
-        row(f"tau_{tau}", lambda t=tau: distil(
-            hf_rmtkd.compress(teacher, calibration_inputs, quantile=t, min_rank=MIN_RANK, batch_size=64,
-                              progress=False), teacher, data["train"], steps=budget.tau_steps, args=_kd_args(first)),
-            f"one-shot hf_rmtkd.compress (spectrum_quantile {tau}, every site at once) + {budget.tau_steps} KD steps",
-            {"distillation_steps": budget.tau_steps})
-
-    rows = fold_seed_rows(book.rows)
+        rows.accuracy_only(f"rmtkd_seed{seed}", rmtkd(seed))
 
     return {
         "benchmark": "resnet_mnist",
@@ -242,5 +211,5 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
         "timing_input": "random 1x28x28 images; batch 32 (throughput), batch 1 (latency); teacher and row model "
                         "alternating in one process",
         "match_tolerance": MATCH_TOLERANCE,
-        "rows": rows,
+        "rows": fold_seed_rows(book.rows),
     }

@@ -193,6 +193,37 @@ def test_row_book_saves_every_row_and_resumes(tmp_path):
     assert harness.RowBook(path, resume=False).rows == {}
 
 
+@pytest.mark.parametrize("params,matched", [(102, True), (98, True), (104, False), (96, False)])
+def test_a_baseline_is_matched_within_the_tolerance(params, matched):
+    import harness
+
+    record = harness.Rows.matched({"rank": 5}, params, target=100, steps=600, tolerance=0.03)
+    assert record["matched"] is matched
+    assert record["param_deviation_from_rmtkd"] == pytest.approx(params / 100 - 1)
+    assert (record["rank"], record["distillation_steps"]) == (5, 600)
+
+
+def test_extra_seeds_go_to_the_most_accurate_matched_baseline(tmp_path):
+    import harness
+
+    book = harness.RowBook(tmp_path / "rows.json", resume=False)
+    book.rows = {"pca_energy": {"accuracy": 0.80, "matched": True}, "svd_uniform": {"accuracy": 0.78, "matched": True},
+                 "layer_drop": {"accuracy": 0.90, "matched": False}}  # the most accurate, but larger: not eligible
+    rows = harness.Rows(book, teacher=None, test=None, collator=None, inputs=None, seq_len=None, runs_b32=1,
+                        runs_b1=1)
+    made = []
+
+    def make(name):
+        def run(seed):
+            made.append((name, seed))
+            return torch.nn.Linear(2, 2)
+        return run
+
+    rows.accuracy_only = lambda name, compress: compress()  # no test split here: only which seeds run
+    rows.strongest_seeds({name: (make(name),) for name in book.rows}, [1, 2])
+    assert made == [("pca_energy", 1), ("pca_energy", 2)]
+
+
 def test_extra_seed_rows_fold_into_their_row():
     rows = {"rmtkd": {"accuracy": 0.8, "params": 10}, "rmtkd_seed1": {"accuracy": 0.7, "params": 10},
             "pca_energy": {"accuracy": 0.6, "params": 10}, "rmtkd_no_distillation": {"accuracy": 0.5, "params": 10}}
