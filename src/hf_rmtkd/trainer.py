@@ -252,7 +252,7 @@ class RMTKDTrainer(Trainer):
         """The measurements as a plan at ``quantile`` keeping ``fraction`` of each site's signal sees them."""
         if quantile != self.args.spectrum_quantile:
             measurements = self._count_at(measurements, quantile)
-        return keep_signal_fraction(measurements, fraction) if fraction < 1 else measurements
+        return keep_signal_fraction(measurements, fraction)  # fraction 1 returns them unchanged
 
     def _cut(self, plan, measurements) -> None:
         base = base_of(self.model)
