@@ -136,7 +136,7 @@ print(json.dumps((status_kb("VmHWM") - before) / 1024))
 """
 
 
-_TEACHER_PEAK: dict[tuple, float] = {}
+_TEACHER_PEAK: dict[tuple, dict[int, float]] = {}
 
 
 def inference_peak_mb(checkpoint: str, batch: dict) -> float:
@@ -154,16 +154,16 @@ def inference_peak_mb(checkpoint: str, batch: dict) -> float:
     return float(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-def _size_and_peak(model: nn.Module, batch: dict) -> tuple[int, float]:
-    """Safetensors bytes and inference peak of ``model``, from one save."""
+def _size_and_peaks(model: nn.Module, batches: dict[int, dict]) -> tuple[int, dict[int, float]]:
+    """Safetensors bytes of ``model`` and its inference peak at each ``{batch size: batch}``, from one save."""
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
-        return safetensors_size(directory), inference_peak_mb(directory, batch)
+        return safetensors_size(directory), {size: inference_peak_mb(directory, b) for size, b in batches.items()}
 
 
 def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int], dict], *, seq_len: int | None,
                 runs_b32: int, runs_b1: int, warmup: int = 3) -> dict:
-    """Size, speed, FLOPs and energy of ``model`` against ``teacher``.
+    """Size, speed, FLOPs, memory and energy of ``model`` against ``teacher``.
 
     Args:
         teacher: the uncompressed model.
@@ -175,17 +175,25 @@ def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int
     """
     params = parameter_count(model)
     batch = inputs(32, seq_len)
-    size, peak_model = _size_and_peak(model, batch)
+    # Batch 32 has activations at the unchanged hidden width; at batch 1 the weights dominate the peak.
+    peak_batches = {32: batch, 1: inputs(1, seq_len)}
+    size, peak_model = _size_and_peaks(model, peak_batches)
     b32 = compare_speed(teacher, model, inputs, batch_size=32, seq_len=seq_len, runs=runs_b32, warmup=warmup)
     b1 = compare_speed(teacher, model, inputs, batch_size=1, seq_len=seq_len, runs=runs_b1, warmup=warmup)
     flops_teacher, flops_model = count_flops(teacher, batch), count_flops(model, batch)
     key = (id(teacher), tuple((k, tuple(v.shape)) for k, v in batch.items()))
     if key not in _TEACHER_PEAK:  # the teacher is the same for every row of a benchmark: measure it once
-        _TEACHER_PEAK[key] = _size_and_peak(teacher, batch)[1]
+        _TEACHER_PEAK[key] = _size_and_peaks(teacher, peak_batches)[1]
     peak_teacher = _TEACHER_PEAK[key]
     for timing in (b32, b1):
         timing["original_iqr_s"], timing["compressed_iqr_s"] = list(timing["original_iqr_s"]), list(
             timing["compressed_iqr_s"])
+    memory = {}
+    for size_ in (32, 1):
+        memory[f"inference_peak_mb_b{size_}"] = peak_model[size_]
+        memory[f"teacher_inference_peak_mb_b{size_}"] = peak_teacher[size_]
+        memory[f"inference_memory_ratio_b{size_}"] = (peak_model[size_] / peak_teacher[size_]
+                                                      if peak_teacher[size_] > 0 else None)
     return {
         "params": params,
         "non_embedding_params": params - embedding_parameters(model),
@@ -195,9 +203,7 @@ def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int
         "flop_ratio": flops_teacher / flops_model,
         "flops_b32": flops_model,
         "speed_vs_flop_ceiling_b32": b32["speedup"] / (flops_teacher / flops_model),
-        "inference_peak_mb_b32": peak_model,
-        "teacher_inference_peak_mb_b32": peak_teacher,
-        "inference_memory_ratio_b32": peak_model / peak_teacher if peak_teacher > 0 else None,
+        **memory,
         "energy_j_per_inference_b1": energy_per_inference(model, inputs(1, seq_len)),
         "timing_b32": b32,
         "timing_b1": b1,

@@ -9,7 +9,8 @@ Usage (from the repository root, offline):
     python benchmarks/run.py --report-only             # rebuild summary.json, README table and plot
 
 Each benchmark writes ``benchmarks/results/<name>.json`` (command, versions, CPU, threads, seeds, every number);
-then `report.regenerate` rebuilds ``results/summary.json``, ``results/frontier.png`` and the README section.
+then `report.regenerate` rebuilds ``results/summary.json``, ``results/frontier.png`` and the README section. Quick
+runs write the same files under ``results/quick/`` and print their table: the README keeps the full results.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def main() -> None:
 
     import report
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = RESULTS / "quick" if options.quick else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
     if options.paper_scale:
         import paper_scale
 
         result = paper_scale.run_paper_scale(smoke=options.smoke)
         name = "paper_scale_smoke" if options.smoke else "paper_scale"
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-        print(f"Wrote {RESULTS / f'{name}.json'}")
+        (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(f"Wrote {results / f'{name}.json'}")
         return
     if not options.report_only:
         from harness import RowBook
@@ -75,17 +77,17 @@ def main() -> None:
         for name in options.only or BENCHMARKS:
             started = time.perf_counter()
             # Every finished row is saved here at once; the file is removed when the benchmark completes.
-            partial = RESULTS / f"{name}.{'quick' if options.quick else 'full'}.partial.json"
+            partial = results / f"{name}.{'quick' if options.quick else 'full'}.partial.json"
             book = RowBook(partial, resume=options.resume)
             resumed = list(book.rows)
             result = _run(name, options.quick, book)
             result["resumed_rows"] = resumed  # rows an earlier, interrupted run made: not in wall_seconds
             result["mode"] = "quick" if options.quick else "full"
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
-            (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+            (results / f"{name}.json").write_text(json.dumps(result, indent=2))
             partial.unlink(missing_ok=True)
-            print(f"{name}: {result['wall_seconds']:.0f} s, wrote {RESULTS / f'{name}.json'}", flush=True)
-    report.regenerate(RESULTS)
+            print(f"{name}: {result['wall_seconds']:.0f} s, wrote {results / f'{name}.json'}", flush=True)
+    report.regenerate(results, readme=None if options.quick else report.README)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ def test_measure_row_reports_sizes_and_ratios(bert):
     assert 0 < row["non_embedding_params"] < row["params"]
     assert row["safetensors_bytes"] > 0 and row["flop_ratio"] > 1
     assert row["throughput_ratio_b32"] > 0 and row["latency_ratio_b1"] > 0
+    for batch in (32, 1):  # the inference peaks of both models, each loaded in a fresh process
+        assert row[f"inference_peak_mb_b{batch}"] > 0 and row[f"teacher_inference_peak_mb_b{batch}"] > 0
+        assert row[f"inference_memory_ratio_b{batch}"] == pytest.approx(
+            row[f"inference_peak_mb_b{batch}"] / row[f"teacher_inference_peak_mb_b{batch}"])
     assert row["energy_j_per_inference_b1"] == "unavailable" or isinstance(row["energy_j_per_inference_b1"], float)
 
 
@@ -175,6 +179,15 @@ def test_regenerate_writes_summary_plot_and_one_readme_section(tmp_path):
     assert "missed" in text  # the synthetic RMT-KD row misses the 80% cut, and the README says so
     report.validate_summary(json.loads((tmp_path / "summary.json").read_text()))
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_quick_regenerate_prints_its_table_and_leaves_the_readme(tmp_path, capsys):
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    (quick / "minilm_rt.json").write_text(json.dumps(_synthetic_result()))
+    summary = report.regenerate(quick, readme=None)
+    assert "## Benchmarks" in capsys.readouterr().out and set(summary) == {"minilm_rt"}
+    assert (quick / "summary.json").exists() and not (tmp_path / "summary.json").exists()
 
 
 def test_row_book_saves_every_row_and_resumes(tmp_path):

@@ -44,6 +44,11 @@ def test_compress_cuts_and_reloads(arch, tmp_path):
     assert small.config.model_type == "rmtkd"
     assert small.rmtkd_plan.cuts, small.rmtkd_plan.skipped
     assert model.num_parameters() - small.num_parameters() == small.rmtkd_plan.params_saved
+    for cut in small.rmtkd_plan.cuts:  # Linears reading one input keep the first one's projection
+        if len(cut.modules) > 1 and cut.kind == "low_rank":
+            holder, *readers = cut.modules
+            assert cut.shared_projection and "shares_projection_with" not in small.config.reductions[holder]
+            assert all(small.config.reductions[r]["shares_projection_with"] == holder for r in readers)
     assert model.config.model_type == arch and not hasattr(model, "rmtkd_plan")  # the original is untouched
     small.save_pretrained(tmp_path)
     reloaded = type(small).from_pretrained(tmp_path).eval()

@@ -126,6 +126,73 @@ def test_low_rank_is_exact_on_the_kept_subspace_and_costs_k_din_plus_dout_plus_b
     assert low_rank_pays(d_in, d_out, k) and not low_rank_pays(d_in, d_out, 7)
 
 
+def _attention_cut_with_shared_projection(rank=8):
+    """A tiny BERT whose first attention's q/k/v are cut through one P held by the query."""
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    prefix = "bert.encoder.layer.0.attention.self."
+    statistics = site_statistics(model, prefix + "query", inputs)
+    projection = statistics["eigenvectors"][:, :rank].T
+    for name in ("query", "key", "value"):
+        holder = None if name == "query" else prefix + "query"
+        apply_low_rank(model, prefix + name, projection, statistics["mean"], shares_projection_with=holder)
+    return model.eval(), inputs, prefix
+
+
+def test_shared_projection_matches_separate_copies_and_runs_p_x_once_per_forward():
+    separate, inputs = tiny_model("bert").eval(), tiny_inputs("bert")
+    prefix = "bert.encoder.layer.0.attention.self."
+    statistics = site_statistics(separate, prefix + "query", inputs)
+    for name in ("query", "key", "value"):
+        apply_low_rank(separate, prefix + name, statistics["eigenvectors"][:, :8].T, statistics["mean"])
+    shared, _, _ = _attention_cut_with_shared_projection()
+    holder = shared.get_submodule(prefix + "query")
+    calls = []
+    holder.down.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(shared(**inputs).logits, separate(**inputs).logits, atol=1e-5, rtol=0)
+        assert len(calls) == 1 and holder._memo is None  # one product, handed to key and value, then dropped
+        other = {**inputs, "input_ids": inputs["input_ids"].flip(0)}  # a new input gets a new product
+        torch.testing.assert_close(shared(**other).logits, separate(**other).logits, atol=1e-5, rtol=0)
+    assert len(calls) == 2
+    # One P for three layers: 2·k·d fewer parameters than separate copies.
+    assert separate.num_parameters() - shared.num_parameters() == 2 * 8 * 32
+    assert "down" not in dict(shared.get_submodule(prefix + "key").named_children())
+
+
+def test_shared_projection_trains_p_from_every_reader_and_survives_deepcopy():
+    import copy
+
+    model, inputs, prefix = _attention_cut_with_shared_projection()
+    model.train()
+    model(**inputs).logits.sum().backward()
+    holder = model.get_submodule(prefix + "query")
+    assert holder.down.weight.grad is not None and holder.down.weight.grad.abs().sum() > 0
+    holder._memo = (inputs["input_ids"], True, model(**inputs).logits, 1)  # a product left pending (non-leaf)
+    twin = copy.deepcopy(model).eval()
+    assert twin.get_submodule(prefix + "key")._projector is twin.get_submodule(prefix + "query")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**inputs).logits, model(**inputs).logits)
+
+
+def test_shared_projection_errors_name_the_layers():
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    prefix = "bert.encoder.layer.0.attention.self."
+    statistics = site_statistics(model, prefix + "query", inputs)
+    P = statistics["eigenvectors"][:, :8].T
+    with pytest.raises(ValueError, match="query.*does not hold this projection"):  # the holder was never cut
+        apply_low_rank(model, prefix + "key", P, shares_projection_with=prefix + "query")
+    apply_low_rank(model, prefix + "query", P)
+    with pytest.raises(ValueError, match="does not hold this projection"):  # another P than the holder's
+        other = statistics["eigenvectors"][:, 1:9].T
+        apply_low_rank(model, prefix + "key", other, shares_projection_with=prefix + "query")
+    unlinked = LowRankLinear(32, 32, 8, shares_projection=True)
+    with pytest.raises(RuntimeError, match="never linked"):
+        unlinked(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="rank 4"):
+        LowRankLinear(32, 32, 4, shares_projection=True).read_projection_of(model.get_submodule(prefix + "query"))
+
+
 def test_parameter_savings_is_not_positive_when_low_rank_does_not_pay():
     model = tiny_model("bert")
     path = "bert.encoder.layer.0.attention.self.query"  # 32 x 32 (+32 bias): rank 16 costs 16 * 64 (+32 bias)

@@ -1,9 +1,9 @@
 """Planning: from measured spectra to a reduction per site, decided once.
 
 Each site's kind follows from its role (embeddings → ``embedding``, FFN / bottleneck inner widths → ``ffn_width``,
-every other Linear input → ``low_rank`` of the Linears reading it). The rank is the spectrum's outlier count k,
-clamped to ``[min_rank, d]`` and to ``min_keep_ratio·d``; a cut that would not save parameters is skipped, with the
-reason kept for the report.
+every other Linear input → ``low_rank`` of the Linears reading it, which share one projection). The rank is the
+spectrum's outlier count k, clamped to ``[min_rank, d]`` and to ``min_keep_ratio·d``; a cut that would not save
+parameters is skipped, with the reason kept for the report.
 
 Example:
     >>> plan = plan_reductions(measurements, model, min_rank=8)  # doctest: +SKIP
@@ -61,6 +61,7 @@ class PlannedCut:
     params_after: int
     modules: list[str]  # the modules the cut replaces or resizes
     producers: list[str] = field(default_factory=list)
+    shared_projection: bool = False  # low_rank of several Linears reading one input: one P, held by modules[0]
 
     @property
     def saved(self) -> int:
@@ -83,6 +84,8 @@ class Plan:
             else:
                 for path in cut.modules:
                     entries[path] = {"kind": cut.kind, "rank": cut.rank}
+                    if cut.shared_projection and path != cut.modules[0]:
+                        entries[path]["shares_projection_with"] = cut.modules[0]
         return entries
 
     @property
@@ -179,11 +182,14 @@ def plan_reductions(
         if rank >= d:
             skipped[site.name] = f"k = {m.k} keeps every direction (d = {d})"
             continue
-        new_shapes = {}
+        new_shapes, shared = {}, False
         if kind == "low_rank":
             touched, producers = list(site.consumers), []
             before = sum(_params(modules[c], *shapes[c]) for c in touched)
             after = sum(_low_rank_params(modules[c], *shapes[c], rank) for c in touched)
+            # Linears reading one input keep one copy of P (k × d) between them.
+            shared = len(touched) > 1 and not any(isinstance(modules[c], nn.Conv2d) for c in touched)
+            after -= (len(touched) - 1) * rank * d if shared else 0
         elif kind == "ffn_width":
             if not all(type(modules[p]) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
                        for p in site.producers):
@@ -204,7 +210,7 @@ def plan_reductions(
         if after >= before:
             skipped[site.name] = f"rank {rank} would not save parameters ({after} >= {before})"
             continue
-        cuts.append(PlannedCut(site.name, site.role, kind, d, m.k, rank, before, after, touched, producers))
+        cuts.append(PlannedCut(site.name, site.role, kind, d, m.k, rank, before, after, touched, producers, shared))
         shapes.update(new_shapes)
         if max_sites is not None and len(cuts) >= max_sites:
             break

@@ -9,7 +9,9 @@ and loads the weights afterwards).
 A reduction map is ``{module path: entry}``, with module paths relative to the wrapped base model:
 
 - ``{"kind": "low_rank", "rank": k}``: an ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv2d`` becomes a
-  :class:`LowRankLinear` / :class:`LowRankConv2d`.
+  :class:`LowRankLinear` / :class:`LowRankConv2d`. Layers that read the same input (q/k/v) share one projection: the
+  first holds it, the others' entries add ``"shares_projection_with": <the first's path>`` and hold only their
+  up-projection (format version 2).
 - ``{"kind": "ffn_width", "width": k, "producers": [...]}``: the producers' output dim and the consumer's input dim
   become k; they stay plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm``.
 - ``{"kind": "embedding", "rank": k}``: an ``nn.Embedding(V, d)`` becomes a :class:`LowRankEmbedding`.
@@ -90,23 +92,72 @@ class LowRankLinear(nn.Module):
     ``down`` holds the projection P (rank × in_features, no bias); ``up`` holds W Pᵀ (out_features × rank) and a bias
     that also carries the centring term W (I − PᵀP) μ. Parameters: rank·(in + out) + out.
 
+    Layers that read the same input (q/k/v of one attention) share one P: the first holds ``down``, the others are
+    built with ``shares_projection=True`` (no ``down``, rank·out + out parameters) and linked to it with
+    :meth:`read_projection_of`. Within a forward pass the siblings receive the very same input tensor, so P x is
+    computed once and handed to each of them (see :meth:`project`).
+
     Args:
         in_features: d_in.
         out_features: d_out.
         rank: k, the number of kept input directions.
+        shares_projection: build without ``down``; :meth:`read_projection_of` must link the layer holding it.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, shares_projection: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.shares_projection = shares_projection
+        if not shares_projection:
+            self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=True, device=device, dtype=dtype)
+        # Plain attributes, not submodules: the holder of P is registered once, where it lives in the model.
+        object.__setattr__(self, "_projector", None if shares_projection else self)
+        self._readers = 1  # layers reading this layer's P x in one forward pass (itself included)
+        self._memo = None  # (input, grad enabled, P x, readers still to serve)
+
+    def read_projection_of(self, holder: "LowRankLinear") -> None:
+        """Read P x from ``holder`` (a layer of the same input and rank that holds ``down``) instead of a copy of P."""
+        if not self.shares_projection or holder.shares_projection:
+            raise ValueError("read_projection_of links a layer built with shares_projection=True to one holding P.")
+        if (holder.in_features, holder.rank) != (self.in_features, self.rank):
+            raise ValueError(
+                f"Cannot share a projection of shape ({holder.rank}, {holder.in_features}) with a layer of rank "
+                f"{self.rank} over {self.in_features} inputs."
+            )
+        object.__setattr__(self, "_projector", holder)
+        holder._readers += 1
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., rank)
+        """P x, computed once per input tensor for all the layers sharing this projection.
+
+        The product is kept only until each reader has taken it, and only for the same tensor object under the same
+        grad mode, so a new input (or a recomputation under gradient checkpointing) always gets a fresh product.
+        """
+        memo, grad = self._memo, torch.is_grad_enabled()
+        if memo is not None and memo[0] is x and memo[1] == grad:
+            self._memo = (*memo[:3], memo[3] - 1) if memo[3] > 1 else None
+            return memo[2]
+        projected = self.down(x)
+        self._memo = (x, grad, projected, self._readers - 1) if self._readers > 1 else None
+        return projected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
-        return self.up(self.down(x))
+        if self._projector is None:
+            raise RuntimeError(
+                "This LowRankLinear shares another layer's projection but was never linked to it; build reduced "
+                "models with apply_reduction_map (or from_pretrained), which links every 'shares_projection_with'."
+            )
+        return self.up(self._projector.project(x))
+
+    def __getstate__(self):
+        # A pending P x may be a non-leaf tensor, which deepcopy (the teacher copy, rollbacks) cannot copy.
+        return {**super().__getstate__(), "_memo": None}
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        shared = ", shares_projection=True" if self.shares_projection else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{shared}"
 
 
 class LowRankConv2d(nn.Module):
@@ -199,10 +250,13 @@ def plan_low_rank(model: nn.Module, path: str, entry: dict, device=None) -> dict
     """Shape-only replacement for a ``low_rank`` entry: ``{path: LowRankLinear | LowRankConv2d}``."""
     old = get_submodule(model, path)
     kwargs = _factory(old, device)
+    shares = "shares_projection_with" in entry
     if isinstance(old, (nn.Linear, Conv1D)):
         d_in, d_out = linear_shape(old)
         rank = _check_rank(path, entry.get("rank"), d_in, "'rank'")
-        return {path: LowRankLinear(d_in, d_out, rank, **kwargs)}
+        return {path: LowRankLinear(d_in, d_out, rank, shares_projection=shares, **kwargs)}
+    if shares:
+        raise ModulePathError(f"low_rank '{path}': only nn.Linear / Conv1D layers can share a projection.")
     if isinstance(old, nn.Conv2d):
         if old.groups != 1:
             raise ModulePathError(f"low_rank cannot reduce '{path}': grouped convolutions (groups={old.groups}).")
@@ -368,12 +422,33 @@ def build_reduction(model: nn.Module, path: str, entry: dict) -> nn.Module:
     return get_submodule(model, path)
 
 
+def link_shared_projection(model: nn.Module, path: str, entry: dict) -> None:
+    """Link the layer at ``path`` to the layer whose projection its entry says it shares (no-op for other entries).
+
+    Raises:
+        ValueError: the named holder is missing, not a low-rank layer holding a projection, or of another shape.
+    """
+    holder_path = entry.get("shares_projection_with") if isinstance(entry, dict) else None
+    if holder_path is None:
+        return
+    holder = get_submodule(model, holder_path)
+    if not isinstance(holder, LowRankLinear) or holder.shares_projection:
+        raise ValueError(
+            f"Reduction of '{path}' shares the projection of '{holder_path}', which is a {type(holder).__name__} "
+            "without one of its own; its entry must be a plain low_rank entry of the same rank."
+        )
+    get_submodule(model, path).read_projection_of(holder)
+
+
 def apply_reduction_map(model: nn.Module, reductions: dict) -> None:
     """Install every entry of a reduction map (shapes only) into ``model``, ``ffn_width`` entries first.
 
     An ``ffn_width`` entry resizes a producer (e.g. ``intermediate.dense``) that a ``low_rank`` entry may then factor,
     and config.json stores the map with sorted keys, so the order is fixed here rather than taken from the file.
+    Layers that share a projection are linked once every entry is installed.
     """
     ordered = sorted(reductions.items(), key=lambda item: item[1].get("kind") != "ffn_width")
     for path, entry in ordered:
         build_reduction(model, path, entry)
+    for path, entry in ordered:
+        link_shared_projection(model, path, entry)

@@ -51,7 +51,8 @@ def _top_rows(eigenvectors: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _apply_low_rank(model, path, entry, *, covariance=None, mean=None, eigenvalues=None, eigenvectors, **options):
-    return apply_low_rank(model, path, _top_rows(eigenvectors, entry["rank"]), mean, **options)
+    projection = _top_rows(eigenvectors, entry["rank"])
+    return apply_low_rank(model, path, projection, mean, entry.get("shares_projection_with"), **options)
 
 
 def _apply_embedding(model, path, entry, *, covariance=None, mean=None, eigenvalues=None, eigenvectors, **options):
