@@ -222,7 +222,23 @@ def _partial_section(name: str, rows: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
-def _section(results: dict[str, dict], partial: dict[str, dict] | None = None) -> str:
+def _breakdown_lines(breakdown: dict) -> list[str]:
+    """Where the batch-32 time of teacher and RMT-KD model goes (from `speed_breakdown.py`), and the compiled ratio."""
+    lines = ["Where the batch-32 time goes (`benchmarks/speed_breakdown.py`: self CPU time per forward pass, eager, "
+             f"by kind of operator; {breakdown['input']}):", ""]
+    for model, times in breakdown["self_cpu_ms_per_forward_eager"].items():
+        total = sum(times.values())
+        shares = ", ".join(f"{kind} {ms / total:.0%}" for kind, ms in times.items() if ms / total >= 0.01)
+        lines.append(f"- {model}: {total:.0f} ms — {shares}")
+    eager, compiled = breakdown["eager"], breakdown["compiled"]
+    lines += [f"- speed-up, same process, alternating: eager x{eager['speedup']:.2f} "
+              f"({eager['share_of_flop_ceiling']:.0%} of the FLOP ratio x{breakdown['flop_ratio']:.2f}); both models "
+              f"under `torch.compile` x{compiled['speedup']:.2f} ({compiled['share_of_flop_ceiling']:.0%}).", ""]
+    return lines
+
+
+def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
+             breakdown: dict | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -260,6 +276,8 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None) -
         lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}" for goal, met, value in targets(name,
                                                                                                              result)]
         lines.append("")
+        if name == "minilm_rt" and breakdown:
+            lines += _breakdown_lines(breakdown)
     for name, rows in (partial or {}).items():
         lines += _partial_section(name, rows)
     return "\n".join(lines).rstrip() + "\n"
@@ -297,10 +315,13 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     validate_summary(summary)
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(results, results_dir / "frontier.png")
+    breakdown_file = results_dir / "speed_breakdown.json"
+    breakdown = json.loads(breakdown_file.read_text()) if breakdown_file.exists() else None
+    section = _section(results, partial, breakdown)
     if readme is None:
-        print(_section(results, partial))
+        print(section)
     else:
-        _update_readme(_section(results, partial), readme)
+        _update_readme(section, readme)
     return summary
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import baselines  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
+import speed_breakdown  # noqa: E402
 
 KINDS = ["ffn_width", "low_rank", "embedding"]
 
@@ -188,6 +189,44 @@ def test_quick_regenerate_prints_its_table_and_leaves_the_readme(tmp_path, capsy
     summary = report.regenerate(quick, readme=None)
     assert "## Benchmarks" in capsys.readouterr().out and set(summary) == {"minilm_rt"}
     assert (quick / "summary.json").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_speed_breakdown_is_reported_under_the_text_benchmark(tmp_path):
+    (tmp_path / "minilm_rt.json").write_text(json.dumps(_synthetic_result()))
+    breakdown = {"input": "batch 32 x 64", "flop_ratio": 5.0,
+                 "eager": {"speedup": 3.0, "share_of_flop_ceiling": 0.6},
+                 "compiled": {"speedup": 3.5, "share_of_flop_ceiling": 0.7},
+                 "self_cpu_ms_per_forward_eager": {"teacher": {"matrix products (Linear)": 80.0, "LayerNorm": 20.0},
+                                                   "rmtkd": {"matrix products (Linear)": 15.0, "LayerNorm": 20.0}}}
+    (tmp_path / "speed_breakdown.json").write_text(json.dumps(breakdown))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.regenerate(tmp_path, readme)
+    text = readme.read_text()
+    assert "- teacher: 100 ms — matrix products (Linear) 80%, LayerNorm 20%" in text
+    assert "- rmtkd: 35 ms — matrix products (Linear) 43%, LayerNorm 57%" in text
+    assert "eager x3.00 (60% of the FLOP ratio x5.00)" in text and "`torch.compile` x3.50 (70%)" in text
+
+
+def test_speed_breakdown_rebuilds_the_logged_shapes(bert):
+    import hf_rmtkd
+
+    small = hf_rmtkd.compress(bert, [tiny_inputs("bert", seed=i) for i in range(4)], min_rank=2, progress=False)
+    log = [{"sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
+                      for c in small.rmtkd_plan.cuts}}]
+    rebuilt = speed_breakdown.rmtkd_shaped_model(bert, log)
+    assert rebuilt.config.reductions == small.config.reductions
+    assert rebuilt.num_parameters() == small.num_parameters() < bert.num_parameters()
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("aten::addmm", "matrix products (Linear)"), ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                                   "attention (SDPA, softmax)"),
+    ("aten::native_layer_norm", "LayerNorm"), ("aten::gelu", "GELU"), ("aten::add", "elementwise (add, mul, ...)"),
+    ("aten::embedding", "embedding lookup"), ("aten::transpose", "other"), ("aten::t", "other"),
+])
+def test_operator_kinds(name, kind):
+    assert speed_breakdown.operator_kind(name) == kind
 
 
 def test_row_book_saves_every_row_and_resumes(tmp_path):

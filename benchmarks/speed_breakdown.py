@@ -1,0 +1,137 @@
+"""Where the batch-32 time of the MiniLM-L6 RMT-KD model goes, and what ``torch.compile`` makes of the speed-up.
+
+The measured speed-up of the text benchmark stays below its FLOP ratio (the ceiling) because part of every forward
+pass is not matrix products: LayerNorm, softmax, GELU, residual adds, reshapes and the attention itself run at the
+unchanged hidden width (384) and cost about the same in both models. This script
+
+1. profiles both models in eager mode and sums self CPU time by kind of operator (per forward pass), and
+2. times both models eager and compiled with ``torch.compile``, alternating in one process as every timing here.
+
+Speed depends on shapes only, so the RMT-KD model is rebuilt from the ranks in ``results/minilm_rt.json`` (the rmtkd
+row's round log) with freshly initialised weights; the teacher is the fine-tuned one `text.py` caches.
+
+Usage (after `python benchmarks/run.py --only minilm_rt`):
+    python benchmarks/speed_breakdown.py [--runs 50] [--threads 2] [--results results/minilm_rt.json]
+Writes ``results/speed_breakdown.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from harness import environment
+from transformers import AutoModelForSequenceClassification
+
+from hf_rmtkd.architectures import find_sites
+from hf_rmtkd.bench import compare_speed, count_flops, example_inputs
+from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
+from hf_rmtkd.plan import Plan, PlannedCut
+
+HERE = Path(__file__).resolve().parent
+TEACHER = HERE / ".cache" / "minilm_rt_teacher_all_2ep"
+RESULTS = HERE / "results"
+
+# Operator kinds: exact aten names, or name fragments where the kernel names vary. Self time of `aten::linear` lands
+# in addmm / mm; what matches nothing (copies, reshapes, dispatch) is "other".
+EXACT = {
+    "matrix products (Linear)": {"aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"},
+    "elementwise (add, mul, ...)": {"aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::div", "aten::sub",
+                                    "aten::rsub", "aten::tanh"},
+    "embedding lookup": {"aten::embedding", "aten::index_select"},
+}
+FRAGMENTS = {
+    "attention (SDPA, softmax)": ("scaled_dot_product", "flash_attention", "softmax"),
+    "LayerNorm": ("layer_norm",),
+    "GELU": ("gelu",),
+}
+
+
+def operator_kind(name: str) -> str:
+    """The kind of a profiled operator (see `EXACT`, `FRAGMENTS`)."""
+    for kind, names in EXACT.items():
+        if name in names:
+            return kind
+    return next((kind for kind, parts in FRAGMENTS.items() if any(part in name for part in parts)), "other")
+
+
+def rmtkd_shaped_model(teacher, log: list[dict]):
+    """The teacher with every round's cuts installed at the logged ranks (weights: fresh initialisation)."""
+    sites = {site.name: site for site in find_sites(teacher)}
+    base = copy.deepcopy(teacher)
+    reductions = {}
+    for entry in log:
+        cuts = []
+        for name, cut in entry["sites"].items():
+            site, kind = sites[name], cut["kind"]
+            modules = [name] if kind == "embedding" else list(site.consumers)
+            producers = list(site.producers) if kind == "ffn_width" else []
+            shared = kind == "low_rank" and len(modules) > 1
+            cuts.append(PlannedCut(name, site.role, kind, cut["d"], cut["k_spectrum"], cut["k"], 0, 0, modules,
+                                   producers, shared))
+        round_map = Plan(cuts, {}).reduction_map()
+        apply_reduction_map(base, round_map)
+        reductions.update(round_map)
+    return rmtkd_class_for(base).from_base(base, reductions).eval()
+
+
+def time_by_kind(model, batch, runs: int) -> dict[str, float]:
+    """Self CPU milliseconds per forward pass, summed by operator kind."""
+    with torch.inference_mode():
+        for _ in range(3):
+            model(**batch)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            for _ in range(runs):
+                model(**batch)
+    totals = defaultdict(float)
+    for event in profile.key_averages():
+        totals[operator_kind(event.key)] += event.self_cpu_time_total / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=50, help="timed alternating rounds per comparison")
+    parser.add_argument("--profile-runs", type=int, default=10, help="forward passes profiled per model")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--results", type=Path, default=RESULTS / "minilm_rt.json",
+                        help="the text benchmark's results (or its .partial.json while it runs)")
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+
+    result = json.loads(options.results.read_text())
+    teacher = AutoModelForSequenceClassification.from_pretrained(TEACHER).eval()
+    student = rmtkd_shaped_model(teacher, result["rows"]["rmtkd"]["log"])
+    batch = example_inputs(teacher, 32, 64)
+    flop_ratio = count_flops(teacher, batch) / count_flops(student, batch)
+    assert student.num_parameters() == result["rows"]["rmtkd"]["params"], "the rebuilt shapes differ from the row's"
+
+    profile = {"teacher": time_by_kind(teacher, batch, options.profile_runs),
+               "rmtkd": time_by_kind(student, batch, options.profile_runs)}
+    eager = compare_speed(teacher, student, batch, runs=options.runs)
+    compiled_teacher, compiled_student = torch.compile(teacher), torch.compile(student)
+    compiled = compare_speed(compiled_teacher, compiled_student, batch, runs=options.runs, warmup=5)
+    report = {
+        "environment": environment([]),
+        "input": "random token ids, batch 32 x seq 64, no padding; teacher and RMT-KD model alternating",
+        "params": {"teacher": teacher.num_parameters(), "rmtkd": student.num_parameters()},
+        "flop_ratio": flop_ratio,
+        "eager": {"speedup": eager["speedup"], "share_of_flop_ceiling": eager["speedup"] / flop_ratio,
+                  "teacher_ms": eager["original_s"] * 1e3, "rmtkd_ms": eager["compressed_s"] * 1e3},
+        "compiled": {"speedup": compiled["speedup"], "share_of_flop_ceiling": compiled["speedup"] / flop_ratio,
+                     "teacher_ms": compiled["original_s"] * 1e3, "rmtkd_ms": compiled["compressed_s"] * 1e3},
+        "self_cpu_ms_per_forward_eager": profile,
+    }
+    (RESULTS / "speed_breakdown.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "environment"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
