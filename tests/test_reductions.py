@@ -1,5 +1,7 @@
 """The reduction kinds: exactness at full size, parameter counts, errors, and select-vs-fold on a real GELU FFN."""
 
+import copy
+
 import pytest
 import torch
 from tiny_models import ARCHS, ffn_sites, module_io, module_output, site_statistics, tiny_inputs, tiny_model
@@ -126,9 +128,9 @@ def test_low_rank_is_exact_on_the_kept_subspace_and_costs_k_din_plus_dout_plus_b
     assert low_rank_pays(d_in, d_out, k) and not low_rank_pays(d_in, d_out, 7)
 
 
-def _attention_cut_with_shared_projection(rank=8):
+def _attention_cut_with_shared_projection(rank=8, **overrides):
     """A tiny BERT whose first attention's q/k/v are cut through one P held by the query."""
-    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    model, inputs = tiny_model("bert", **overrides), tiny_inputs("bert")
     prefix = "bert.encoder.layer.0.attention.self."
     statistics = site_statistics(model, prefix + "query", inputs)
     projection = statistics["eigenvectors"][:, :rank].T
@@ -160,8 +162,6 @@ def test_shared_projection_matches_separate_copies_and_runs_p_x_once_per_forward
 
 
 def test_shared_projection_trains_p_from_every_reader_and_survives_deepcopy():
-    import copy
-
     model, inputs, prefix = _attention_cut_with_shared_projection()
     model.train()
     model(**inputs).logits.sum().backward()
@@ -173,6 +173,25 @@ def test_shared_projection_trains_p_from_every_reader_and_survives_deepcopy():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(twin(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_shared_projection_gradients_are_the_same_under_gradient_checkpointing(reentrant):
+    # Checkpointing runs each layer's forward again during backward: the recomputation must not reuse a stale P x.
+    model, inputs, _ = _attention_cut_with_shared_projection(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def gradients(checkpointing):
+        twin = copy.deepcopy(model).train()
+        if checkpointing:
+            twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        twin(**inputs, labels=labels).loss.backward()
+        return {name: p.grad for name, p in twin.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
 def test_shared_projection_errors_name_the_layers():
