@@ -159,6 +159,8 @@ def test_shared_projection_matches_separate_copies_and_runs_p_x_once_per_forward
     # One P for three layers: 2·k·d fewer parameters than separate copies.
     assert separate.num_parameters() - shared.num_parameters() == 2 * 8 * 32
     assert "down" not in dict(shared.get_submodule(prefix + "key").named_children())
+    shared.get_submodule(prefix + "key").read_projection_of(holder)  # linking twice counts one reader
+    assert holder._readers == 3
 
 
 def test_shared_projection_trains_p_from_every_reader_and_survives_deepcopy():

@@ -126,6 +126,8 @@ class LowRankLinear(nn.Module):
                 f"Cannot share a projection of shape ({holder.rank}, {holder.in_features}) with a layer of rank "
                 f"{self.rank} over {self.in_features} inputs."
             )
+        if self._projector is holder:  # linked already (e.g. by the surgery, then by the map): one reader still
+            return
         object.__setattr__(self, "_projector", holder)
         holder._readers += 1
 
