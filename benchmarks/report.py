@@ -256,7 +256,8 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         env = result["environment"]
         lines += [
             f"### `{name}` ({result.get('mode', '?')} mode, {result.get('wall_seconds', 0) / 60:.0f} min"
-            + (f" for the rows after a resume; {len(result['resumed_rows'])} rows came from the interrupted run)"
+            + (f" for the rows after a resume; {len(result['resumed_rows'])} rows came from an earlier run: "
+               + ", ".join(result["resumed_rows"]) + ")"
                if result.get("resumed_rows") else ")"),
             "",
             f"{result['data']['test_description']}; {env['cpu']}, torch threads: {env['torch_threads']}, "
