@@ -8,7 +8,7 @@ unchanged hidden width (384) and cost about the same in both models. This script
 2. times both models eager and compiled with ``torch.compile``, alternating in one process as every timing here.
 
 Speed depends on shapes only, so the RMT-KD model is rebuilt from the ranks in ``results/minilm_rt.json`` (the rmtkd
-row's round log) with freshly initialised weights; the teacher is the fine-tuned one `text.py` caches.
+row's round log) with freshly initialised weights; the teacher is the full-mode one `text.py` caches.
 
 Usage (after `python benchmarks/run.py --only minilm_rt`):
     python benchmarks/speed_breakdown.py [--runs 50] [--threads 2] [--results results/minilm_rt.json]
@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from harness import environment
+from text import FULL, teacher_cache
 from transformers import AutoModelForSequenceClassification
 
 from hf_rmtkd.architectures import find_sites
@@ -35,9 +36,7 @@ from hf_rmtkd.bench import compare_speed, count_flops, example_inputs
 from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
 from hf_rmtkd.plan import Plan, PlannedCut
 
-HERE = Path(__file__).resolve().parent
-TEACHER = HERE / ".cache" / "minilm_rt_teacher_all_2ep"
-RESULTS = HERE / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # Operator kinds: exact aten names, or name fragments where the kernel names vary. Self time of `aten::linear` lands
 # in addmm / mm; what matches nothing (copies, reshapes, dispatch) is "other".
@@ -107,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(options.threads)
 
     result = json.loads(options.results.read_text())
-    teacher = AutoModelForSequenceClassification.from_pretrained(TEACHER).eval()
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_cache(FULL)).eval()
     student = rmtkd_shaped_model(teacher, result["rows"]["rmtkd"]["log"])
     batch = example_inputs(teacher, 32, 64)
     flop_ratio = count_flops(teacher, batch) / count_flops(student, batch)

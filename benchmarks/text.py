@@ -130,10 +130,15 @@ def _settings_match(directory: Path, settings: dict) -> bool:
     return same_model and all(saved.get(key) == value for key, value in settings.items())
 
 
+def teacher_cache(budget: TextBudget) -> Path:
+    """Where the teacher fine-tuned for ``budget`` is cached."""
+    return HERE / ".cache" / f"minilm_rt_teacher_{budget.teacher_train_examples or 'all'}_{budget.teacher_epochs:g}ep"
+
+
 def load_teacher(data: dict, tokenizer, budget: TextBudget) -> tuple[object, str]:
     """The fine-tuned teacher: the demo's cached one or ours when their settings match, else fine-tuned now."""
     settings = teacher_settings(budget)
-    cache = HERE / ".cache" / f"minilm_rt_teacher_{budget.teacher_train_examples or 'all'}_{budget.teacher_epochs:g}ep"
+    cache = teacher_cache(budget)
     for directory in (DEMO_TEACHER, cache):
         if _settings_match(directory, settings):
             source = directory.relative_to(HERE.parent).as_posix()
