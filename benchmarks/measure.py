@@ -114,47 +114,58 @@ def checkpoint_bytes(model: nn.Module) -> int:
 
 
 # Run in a fresh interpreter, so that nothing else the benchmark holds counts: the peak RSS above the imports while
-# the checkpoint loads and one batch runs forward.
+# the checkpoint loads and one batch runs forward. The first load-and-forward ("cold") also pays the libraries' one-off
+# first-call set-up (kernels, lazily imported modules, allocator arenas), the same few tens of MB for any model; the
+# later ones ("warm", after the first model is freed and the C heap trimmed) measure what the model itself needs.
 _PEAK_SCRIPT = """
-import json, sys
+import ctypes, gc, json, statistics, sys
 import torch, transformers, hf_rmtkd
 from safetensors.torch import load_file
 
 def status_kb(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
+def peak_mb_of_load_and_forward():
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status_kb("VmRSS")
+    model = cls.from_pretrained(sys.argv[1]).eval()
+    with torch.no_grad():
+        model(**batch)
+    peak = (status_kb("VmHWM") - before) / 1024
+    del model
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the next load cannot reuse them unseen
+    return peak
+
 torch.set_num_threads(int(sys.argv[3]))
 batch = load_file(sys.argv[2])
 name = json.load(open(sys.argv[1] + "/config.json"))["architectures"][0]
 cls = getattr(hf_rmtkd, name, None) or getattr(transformers, name)
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-before = status_kb("VmRSS")
-model = cls.from_pretrained(sys.argv[1]).eval()
-with torch.no_grad():
-    model(**batch)
-print(json.dumps((status_kb("VmHWM") - before) / 1024))
+cold = peak_mb_of_load_and_forward()
+warm = statistics.median(peak_mb_of_load_and_forward() for _ in range(3))
+print(json.dumps({"cold": cold, "warm": warm}))
 """
 
 
-_TEACHER_PEAK: dict[tuple, dict[int, float]] = {}
+_TEACHER_PEAK: dict[tuple, dict[int, dict[str, float]]] = {}
 
 
-def inference_peak_mb(checkpoint: str, batch: dict) -> float:
+def inference_peak_mb(checkpoint: str, batch: dict) -> dict[str, float]:
     """Peak memory (MB of RSS) of loading the saved ``checkpoint`` folder and running ``batch`` through it, in a fresh
-    process.
+    process: ``{"cold": first load and forward, "warm": median of the next three}``.
 
-    Measured as the process's peak RSS (``VmHWM``, reset once the imports are done) minus its RSS at that moment
-    (Linux only).
+    Measured as the process's peak RSS (``VmHWM``, reset just before each load) minus its RSS at that moment (Linux
+    only). ``cold`` includes the libraries' one-off first-call set-up; ``warm`` is what the model itself needs.
     """
     with tempfile.TemporaryDirectory() as scratch:
         batch_file = str(Path(scratch) / "batch.safetensors")
         save_file({k: v.contiguous() for k, v in batch.items()}, batch_file)
         result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, checkpoint, batch_file,
                                  str(torch.get_num_threads())], capture_output=True, text=True, check=True)
-    return float(json.loads(result.stdout.strip().splitlines()[-1]))
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _size_and_peaks(model: nn.Module, batches: dict[int, dict]) -> tuple[int, dict[int, float]]:
+def _size_and_peaks(model: nn.Module, batches: dict[int, dict]) -> tuple[int, dict[int, dict[str, float]]]:
     """Safetensors bytes of ``model`` and its inference peak at each ``{batch size: batch}``, from one save."""
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
@@ -190,10 +201,11 @@ def measure_row(teacher: nn.Module, model: nn.Module, inputs: Callable[[int, int
             timing["compressed_iqr_s"])
     memory = {}
     for size_ in (32, 1):
-        memory[f"inference_peak_mb_b{size_}"] = peak_model[size_]
-        memory[f"teacher_inference_peak_mb_b{size_}"] = peak_teacher[size_]
-        memory[f"inference_memory_ratio_b{size_}"] = (peak_model[size_] / peak_teacher[size_]
-                                                      if peak_teacher[size_] > 0 else None)
+        for phase, prefix in (("cold", ""), ("warm", "warm_")):
+            ours, theirs = peak_model[size_][phase], peak_teacher[size_][phase]
+            memory[f"{prefix}inference_peak_mb_b{size_}"] = ours
+            memory[f"teacher_{prefix}inference_peak_mb_b{size_}"] = theirs
+            memory[f"{prefix}inference_memory_ratio_b{size_}"] = ours / theirs if theirs > 0 else None
     return {
         "params": params,
         "non_embedding_params": params - embedding_parameters(model),

@@ -122,22 +122,29 @@ def targets(name: str, result: dict) -> list[tuple[str, bool, str]]:
         checks.append(("at least as accurate as every baseline at matched size", not beaten_by,
                        "beaten by " + ", ".join(beaten_by) if beaten_by else f"vs {', '.join(matched)}"))
     share = rmtkd["throughput_ratio_b32"] / rmtkd["flop_ratio"]
+    param_ratio = rmtkd["params"] / teacher["params"]
     checks.append((f"batch-32 speed-up >= {SPEED_SHARE_OF_FLOP_CEILING:.0%} of the FLOP ceiling",
                    share >= SPEED_SHARE_OF_FLOP_CEILING, f"{share:.0%} (x{rmtkd['throughput_ratio_b32']:.2f} of "
                    f"x{rmtkd['flop_ratio']:.2f})"))
     if "safetensors_bytes" in teacher:
         size_ratio = rmtkd["safetensors_bytes"] / teacher["safetensors_bytes"]
-        param_ratio = rmtkd["params"] / teacher["params"]
         checks.append(("file size falls at least in proportion to params", size_ratio <= param_ratio + 1e-3,
                        f"size x{size_ratio:.3f} vs params x{param_ratio:.3f}"))
     for batch in (32, 1):  # rows measured before the batch-1 peak existed have only batch 32
         if rmtkd.get(f"inference_memory_ratio_b{batch}") is None:
             continue
-        memory_ratio, param_ratio = rmtkd[f"inference_memory_ratio_b{batch}"], rmtkd["params"] / teacher["params"]
+        cold = (f"x{rmtkd[f'inference_memory_ratio_b{batch}']:.3f} ({rmtkd[f'inference_peak_mb_b{batch}']:.0f} vs "
+                f"{rmtkd[f'teacher_inference_peak_mb_b{batch}']:.0f} MB)")
+        if rmtkd.get(f"warm_inference_memory_ratio_b{batch}") is None:  # measured before warm peaks existed
+            memory_ratio, measured = rmtkd[f"inference_memory_ratio_b{batch}"], f"memory {cold}"
+        else:
+            # Judged on the warm peak: the cold one adds the libraries' one-off first-call set-up, the same for any
+            # model, which is not memory the compression could save. Both are reported.
+            memory_ratio = rmtkd[f"warm_inference_memory_ratio_b{batch}"]
+            measured = (f"warm memory x{memory_ratio:.3f} ({rmtkd[f'warm_inference_peak_mb_b{batch}']:.0f} vs "
+                        f"{rmtkd[f'teacher_warm_inference_peak_mb_b{batch}']:.0f} MB; cold {cold})")
         checks.append((f"peak inference memory (batch {batch}) falls at least in proportion to params",
-                       memory_ratio <= param_ratio + 1e-3,
-                       f"memory x{memory_ratio:.3f} ({rmtkd[f'inference_peak_mb_b{batch}']:.0f} vs "
-                       f"{rmtkd[f'teacher_inference_peak_mb_b{batch}']:.0f} MB) vs params x{param_ratio:.3f}"))
+                       memory_ratio <= param_ratio + 1e-3, f"{measured} vs params x{param_ratio:.3f}"))
     return checks
 
 

@@ -422,7 +422,8 @@ class RMTKDTrainer(Trainer):
         return TrainOutput(self.state.global_step, 0.0, metrics)
 
     def _final_distillation(self, uncut: nn.Module, rounds: int) -> dict:
-        """Distil the compressed model from the ``uncut`` one; keep the result only if the metric held or rose."""
+        """Distil the compressed model from the ``uncut`` one; keep the result unless it diverged or the metric fell
+        by more than ``max_metric_drop`` (see `_final_phase_kept`)."""
         before = self._metric()
         snapshot = teacher_copy(self.model)
         set_seed(self.args.seed + rounds + 1)
@@ -430,7 +431,7 @@ class RMTKDTrainer(Trainer):
         self._distil(self.args.final_distillation_steps)
         self.teacher = None
         after = self._metric()
-        kept = not self._nonfinite_loss and math.isfinite(after) and self._drop(before, after) <= 0
+        kept = not self._nonfinite_loss and self._final_phase_kept(before, after)
         if not kept:
             self._restore(snapshot)
         entry = {"steps": self.args.final_distillation_steps, f"{self.metric_name}_before": before,
@@ -439,6 +440,15 @@ class RMTKDTrainer(Trainer):
         logger.info(f"Final distillation from the uncut model: {self.metric_name} {before:.4f} -> {after:.4f}"
                     f" ({'kept' if kept else 'discarded'}).")
         return entry
+
+    def _final_phase_kept(self, before: float, after: float) -> bool:
+        """Whether the final phase's result replaces the model it started from.
+
+        The final phase trains the same shapes longer, from the uncut model, so it is expected to help; what the guard
+        must catch is a broken run, not the noise of a small validation set (on 500 examples a 1.4-point accuracy
+        difference is under one standard error). So it tolerates the same worsening as a round, ``max_metric_drop``.
+        """
+        return math.isfinite(after) and self._drop(before, after) <= self.args.max_metric_drop
 
     # ----------------------------------------------------------------------------------------------------------------
     # Saving and resuming

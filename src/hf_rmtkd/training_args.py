@@ -192,8 +192,8 @@ class RMTKDTrainingArguments(TrainingArguments):
         default=0,
         metadata={
             "help": "After the last round, distil the compressed model for this many optimizer steps from the model "
-            "as it was before the first cut (the rounds distil from the model before their own cut); kept only if "
-            "the guarded metric does not get worse. >= 0; 0: no final phase."
+            "as it was before the first cut (the rounds distil from the model before their own cut); kept unless "
+            "the guarded metric falls by more than max_metric_drop during it. >= 0; 0: no final phase."
         },
     )
     warmup_metric_threshold: float | None = field(
