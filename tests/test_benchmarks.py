@@ -304,8 +304,10 @@ def test_a_full_run_in_progress_gets_its_own_readme_section(tmp_path):
 @pytest.mark.parametrize(
     ("memory", "met"),
     [
-        ({"inference_memory_ratio_b32": 0.39, "inference_peak_mb_b32": 39, "teacher_inference_peak_mb_b32": 100}, True),
-        ({"inference_memory_ratio_b32": 0.60, "inference_peak_mb_b32": 60, "teacher_inference_peak_mb_b32": 100}, False),
+        ({"inference_memory_ratio_b32": 0.39, "inference_peak_mb_b32": 39, "teacher_inference_peak_mb_b32": 100},
+         True),
+        ({"inference_memory_ratio_b32": 0.60, "inference_peak_mb_b32": 60, "teacher_inference_peak_mb_b32": 100},
+         False),
         # warm peaks present: the target is judged on them, the cold peak is only reported
         ({"inference_memory_ratio_b32": 0.60, "inference_peak_mb_b32": 60, "teacher_inference_peak_mb_b32": 100,
           "warm_inference_memory_ratio_b32": 0.38, "warm_inference_peak_mb_b32": 30,
