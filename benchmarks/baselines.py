@@ -31,10 +31,11 @@ from transformers import Trainer, TrainingArguments
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.cut import apply_plan
-from hf_rmtkd.distillation import distillation_loss
+from hf_rmtkd.distillation import distillation_loss, hidden_state_loss
 from hf_rmtkd.modeling import rmtkd_class_for
 from hf_rmtkd.plan import keep_signal_fraction, plan_reductions
 from hf_rmtkd.reductions import apply_embedding, apply_low_rank, embedding_parameters, low_rank_parameters
+from hf_rmtkd.training_args import RMTKDTrainingArguments
 
 __all__ = [
     "KDTrainer",
@@ -312,23 +313,42 @@ def rmtkd_without_distillation(teacher: nn.Module, calibration, *, rounds: list[
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class KDTrainer(Trainer):
-    """A `Trainer` whose loss is RMT-KD's ``α·CE + (1−α)·T²·KL(teacher ‖ student)`` against a frozen teacher."""
+def _library_default(name: str):
+    return RMTKDTrainingArguments.__dataclass_fields__[name].default
 
-    def __init__(self, *args, teacher: nn.Module, alpha: float = 0.7, temperature: float = 1.0, **kwargs):
+
+class KDTrainer(Trainer):
+    """A `Trainer` whose loss is RMT-KD's against a frozen teacher, with the library's default weights:
+    ``α·CE + (1−α)·T²·KL(teacher ‖ student) + β·hidden_state_loss``.
+
+    A student shallower than its teacher (layer dropping) matches its hidden states to evenly spaced ones of the
+    teacher's (DistilBERT's pairing: student layer i against teacher layer 2i when every other layer is kept).
+    """
+
+    def __init__(self, *args, teacher: nn.Module, alpha: float = _library_default("distillation_alpha"),
+                 temperature: float = _library_default("distillation_temperature"),
+                 hidden_weight: float = _library_default("distillation_hidden_weight"), **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()  # used under no_grad only; its requires_grad flags stay as they are
-        self.alpha, self.temperature = alpha, temperature
+        self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         features = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.hidden_weight > 0:
+            features["output_hidden_states"] = True
         outputs = model(**features)
         with torch.no_grad():
-            teacher_logits = self.teacher(**features).logits
+            teacher_outputs = self.teacher(**features)
         # Per-batch mean (no gradient accumulation here), as RMTKDTrainer's loss is with one accumulation step.
-        loss, _, _ = distillation_loss(outputs.logits, teacher_logits, labels, alpha=self.alpha,
+        loss, _, _ = distillation_loss(outputs.logits, teacher_outputs.logits, labels, alpha=self.alpha,
                                        temperature=self.temperature)
+        if self.hidden_weight > 0:
+            student_hidden, teacher_hidden = outputs.hidden_states, teacher_outputs.hidden_states
+            depth, teacher_depth = len(student_hidden) - 1, len(teacher_hidden) - 1
+            paired = tuple(teacher_hidden[round(i * teacher_depth / depth)] for i in range(depth + 1))
+            loss = loss + self.hidden_weight * hidden_state_loss(student_hidden, paired,
+                                                                 features.get("attention_mask"))
         return (loss, outputs) if return_outputs else loss
 
 

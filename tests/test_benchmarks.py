@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -324,3 +325,17 @@ def test_memory_target_is_judged_on_the_warm_peak_when_measured(memory, met):
     ok, measured = checks["peak inference memory (batch 32) falls at least in proportion to params"]
     assert ok is met
     assert ("warm memory" in measured) == ("warm_inference_memory_ratio_b32" in memory)
+
+
+@pytest.mark.parametrize("student_kind", ["svd_uniform", "layer_drop"])
+def test_kd_trainer_feature_term_pairs_hidden_states(bert, tmp_path, student_kind):
+    """With β > 0 the baselines' loss adds the hidden-state term; a shallower student (layer dropping: 1 of the 2
+    layers kept) is paired with evenly spaced teacher states instead of failing on the depth."""
+    student = baselines.svd_uniform(bert, 6) if student_kind == "svd_uniform" else baselines.layer_drop(bert, 6)
+    batch = {**tiny_inputs("bert", batch=4), "labels": torch.tensor([0, 1, 2, 0])}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, use_cpu=True)
+    losses = {}
+    for beta in (0.0, 1.0):
+        trainer = baselines.KDTrainer(model=student, args=args, teacher=bert, hidden_weight=beta)
+        losses[beta] = float(trainer.compute_loss(student.train(), dict(batch)))
+    assert math.isfinite(losses[1.0]) and losses[1.0] > losses[0.0]
