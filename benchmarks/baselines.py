@@ -353,11 +353,12 @@ class KDTrainer(Trainer):
 
 
 def distil(student: nn.Module, teacher: nn.Module, train_dataset, *, steps: int, args: TrainingArguments,
-           data_collator=None) -> nn.Module:
+           data_collator=None, **loss) -> nn.Module:
     """Distil ``student`` from ``teacher`` for exactly ``steps`` optimizer steps (returns the student, trained).
 
     ``args`` supplies the learning rate, batch size, seed and schedule shared with the RMT-KD run; ``max_steps`` is
-    overridden by ``steps``.
+    overridden by ``steps``. ``loss``: `KDTrainer`'s ``alpha``, ``temperature``, ``hidden_weight`` where they differ
+    from the library's defaults.
     """
     if steps <= 0:
         return student
@@ -365,6 +366,6 @@ def distil(student: nn.Module, teacher: nn.Module, train_dataset, *, steps: int,
     run_args.max_steps = steps
     run_args.save_strategy = "no"
     trainer = KDTrainer(model=student, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
-                        teacher=teacher)
+                        teacher=teacher, **loss)
     trainer.train()
     return trainer.model

@@ -159,14 +159,15 @@ class Rows:
                                                       collator=self.collator, notes=notes, extra=extra,
                                                       **self.measure)[1])
 
-    def accuracy_only(self, name: str, compress) -> dict:
-        """Another seed of a row: accuracy and size only (speed is the first seed's)."""
+    def accuracy_only(self, name: str, compress, extra: dict | None = None) -> dict:
+        """Another seed of a row, or a row whose shapes (so speed) are another row's: accuracy and size only, plus
+        ``extra`` fields."""
         def make():
             model = compress()
             model = model[0] if isinstance(model, tuple) else model
             accuracy = evaluate_accuracy(model.eval(), self.test, collator=self.collator)
             print(f"[{name}] accuracy {accuracy:.4f}", flush=True)
-            return {"accuracy": accuracy, "params": parameter_count(model)}
+            return {"accuracy": accuracy, "params": parameter_count(model), **(extra or {})}
         return self.book.add(name, make)
 
     @staticmethod

@@ -1,0 +1,63 @@
+"""Choose the distillation loss on the validation split: one RMT-KD round of the text benchmark per loss setting.
+
+Each setting runs the ``minilm_rt`` RMT-KD row (full-mode teacher, same cut, same 300 steps, seed 0) with no final
+phase, and records the validation accuracy after the cut and after the round. The test split is never touched.
+
+Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--threads 1]``; each run appends one line
+to ``benchmarks/results/distillation_sweep.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from harness import run_rmtkd
+from text import FULL, _rmtkd_args, load_data, load_teacher
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+from hf_rmtkd.data import minilm_path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "distillation_sweep.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--alpha", type=float, default=0.7)
+    parser.add_argument("--hidden-weight", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=FULL.steps_per_round)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+
+    budget = replace(FULL, steps_per_round=options.steps, final_steps=0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    data = load_data(tokenizer, budget)
+    teacher, _ = load_teacher(data, tokenizer, budget)
+    calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
+    args = _rmtkd_args(budget, options.seed)
+    args.distillation_alpha = options.alpha
+    args.distillation_hidden_weight = options.hidden_weight
+    args.distillation_temperature = options.temperature
+    start = time.perf_counter()
+    _, info = run_rmtkd(teacher, args, train=data["train"], validation=data["validation"], calibration=calibration,
+                        collator=DataCollatorWithPadding(tokenizer))
+    entry = info["log"][0]
+    record = {"alpha": options.alpha, "hidden_weight": options.hidden_weight, "temperature": options.temperature,
+              "steps": options.steps, "seed": options.seed, "threads": options.threads,
+              "params": entry["params_after_cut"], "eval_accuracy_after_cut": entry["eval_accuracy_after_cut"],
+              "eval_accuracy": entry["eval_accuracy"], "accepted": entry["accepted"],
+              "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(record), flush=True)
+    with RESULTS.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
