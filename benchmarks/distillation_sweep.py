@@ -41,10 +41,9 @@ def main() -> None:
     data = load_data(tokenizer, budget)
     teacher, _ = load_teacher(data, tokenizer, budget)
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
-    args = _rmtkd_args(budget, options.seed)
-    args.distillation_alpha = options.alpha
-    args.distillation_hidden_weight = options.hidden_weight
-    args.distillation_temperature = options.temperature
+    args = _rmtkd_args(budget, options.seed, loss={"distillation_alpha": options.alpha,
+                                                   "distillation_hidden_weight": options.hidden_weight,
+                                                   "distillation_temperature": options.temperature})
     start = time.perf_counter()
     _, info = run_rmtkd(teacher, args, train=data["train"], validation=data["validation"], calibration=calibration,
                         collator=DataCollatorWithPadding(tokenizer))
