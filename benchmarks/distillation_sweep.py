@@ -1,10 +1,11 @@
 """Choose the distillation loss on the validation split: one RMT-KD round of the text benchmark per loss setting.
 
-Each setting runs the ``minilm_rt`` RMT-KD row (full-mode teacher, same cut, same 300 steps, seed 0) with no final
-phase, and records the validation accuracy after the cut and after the round. The test split is never touched.
+Each setting runs the ``minilm_rt`` RMT-KD row (full-mode teacher, same cut, 300 steps, seed 0), by default with no
+final phase, and records the validation accuracy after the cut, after the round and after the final phase. The test
+split is never touched.
 
-Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--threads 1]``; each run appends one line
-to ``benchmarks/results/distillation_sweep.jsonl``.
+Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--final-steps 0] [--threads 1]``; each
+run appends one line to ``benchmarks/results/distillation_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ def main() -> None:
     parser.add_argument("--hidden-weight", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=FULL.steps_per_round)
+    parser.add_argument("--final-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
-    budget = replace(FULL, steps_per_round=options.steps, final_steps=0)
+    budget = replace(FULL, steps_per_round=options.steps, final_steps=options.final_steps)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     data = load_data(tokenizer, budget)
     teacher, _ = load_teacher(data, tokenizer, budget)
@@ -52,6 +54,7 @@ def main() -> None:
               "steps": options.steps, "seed": options.seed, "threads": options.threads,
               "params": entry["params_after_cut"], "eval_accuracy_after_cut": entry["eval_accuracy_after_cut"],
               "eval_accuracy": entry["eval_accuracy"], "accepted": entry["accepted"],
+              "final_steps": options.final_steps, "final_distillation": info["final_distillation"],
               "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(record), flush=True)
     with RESULTS.open("a") as handle:
