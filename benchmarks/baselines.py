@@ -352,20 +352,28 @@ class KDTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+# `RMTKDTrainingArguments` field -> `KDTrainer` argument: a loss given by the library's names reaches both alike.
+KD_LOSS_FIELDS = {"distillation_alpha": "alpha", "distillation_temperature": "temperature",
+                  "distillation_hidden_weight": "hidden_weight"}
+
+
 def distil(student: nn.Module, teacher: nn.Module, train_dataset, *, steps: int, args: TrainingArguments,
-           data_collator=None, **loss) -> nn.Module:
+           data_collator=None, loss: dict | None = None) -> nn.Module:
     """Distil ``student`` from ``teacher`` for exactly ``steps`` optimizer steps (returns the student, trained).
 
     ``args`` supplies the learning rate, batch size, seed and schedule shared with the RMT-KD run; ``max_steps`` is
-    overridden by ``steps``. ``loss``: `KDTrainer`'s ``alpha``, ``temperature``, ``hidden_weight`` where they differ
-    from the library's defaults.
+    overridden by ``steps``. ``loss``: the distillation settings that differ from the library's defaults, by their
+    `RMTKDTrainingArguments` names (the keys of `KD_LOSS_FIELDS`).
     """
+    unknown = set(loss or {}) - set(KD_LOSS_FIELDS)
+    if unknown:
+        raise ValueError(f"distil: no KD setting named {sorted(unknown)}; known: {sorted(KD_LOSS_FIELDS)}.")
     if steps <= 0:
         return student
     run_args = copy.deepcopy(args)
     run_args.max_steps = steps
     run_args.save_strategy = "no"
     trainer = KDTrainer(model=student, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
-                        teacher=teacher, **loss)
+                        teacher=teacher, **{KD_LOSS_FIELDS[name]: value for name, value in (loss or {}).items()})
     trainer.train()
     return trainer.model

@@ -248,9 +248,7 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
                         "embedding, so this row is larger than RMT-KD's and its embedding is all but erased")
 
     def kd(model, seed, loss=None):
-        weights = {"alpha": loss["distillation_alpha"], "hidden_weight": loss["distillation_hidden_weight"]} if loss \
-            else {}
-        return distil(model, teacher, train, steps=steps, args=_kd_args(seed), data_collator=collator, **weights)
+        return distil(model, teacher, train, steps=steps, args=_kd_args(seed), data_collator=collator, loss=loss)
 
     def pca(seed, loss=None):
         return kd(pca_energy(teacher, measurements, energy, kinds=KINDS, min_rank=MIN_RANK), seed, loss)

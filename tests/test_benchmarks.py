@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark machinery (``benchmarks/``) on tiny random models: sizes, runnable models, reports."""
 
 import copy
+import inspect
 import json
 import math
 import sys
@@ -355,3 +356,10 @@ def test_rows_with_a_non_default_loss_are_compared_only_with_each_other():
     assert checks[tuned] == (True, "+0.40 points lost")
     assert checks["(non-default loss) at least as accurate as every baseline with the same loss"] == (
         False, "beaten by pca_energy_tuned_loss")
+
+
+def test_distil_takes_the_loss_by_the_library_names(bert, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, use_cpu=True)
+    with pytest.raises(ValueError, match="distillation_beta"):
+        baselines.distil(copy.deepcopy(bert), bert, None, steps=1, args=args, loss={"distillation_beta": 1.0})
+    assert set(baselines.KD_LOSS_FIELDS.values()) <= set(inspect.signature(baselines.KDTrainer).parameters)
