@@ -1,11 +1,12 @@
-"""Choose the distillation loss on the validation split: one RMT-KD round of the text benchmark per loss setting.
+"""Choose settings on the validation split: one RMT-KD round of the text benchmark per setting (loss, kinds).
 
 Each setting runs the ``minilm_rt`` RMT-KD row (full-mode teacher, same cut, 300 steps, seed 0), by default with no
 final phase, and records the validation accuracy after the cut, after the round and after the final phase. The test
 split is never touched.
 
-Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--final-steps 0] [--threads 1]``; each
-run appends one line to ``benchmarks/results/distillation_sweep.jsonl``.
+Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--final-steps 0] [--threads 1]
+[--kinds ffn_width low_rank embedding attention_heads]``; each run appends one line to
+``benchmarks/results/distillation_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from hf_rmtkd.data import minilm_path
 RESULTS = Path(__file__).resolve().parent / "results" / "distillation_sweep.jsonl"
 
 
+def _heads_kept(entry: dict) -> dict:
+    """Per attention output cut by ``attention_heads``: the kept width (heads × head size)."""
+    return {site: cut["k"] for site, cut in entry["sites"].items() if cut["kind"] == "attention_heads"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alpha", type=float, default=0.7)
@@ -35,6 +41,7 @@ def main() -> None:
     parser.add_argument("--final-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", default=None, help="reduction kinds (default: the library's)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
@@ -45,13 +52,15 @@ def main() -> None:
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     args = _rmtkd_args(budget, options.seed, loss={"distillation_alpha": options.alpha,
                                                    "distillation_hidden_weight": options.hidden_weight,
-                                                   "distillation_temperature": options.temperature})
+                                                   "distillation_temperature": options.temperature},
+                        kinds=options.kinds)
     start = time.perf_counter()
     _, info = run_rmtkd(teacher, args, train=data["train"], validation=data["validation"], calibration=calibration,
                         collator=DataCollatorWithPadding(tokenizer))
     entry = info["log"][0]
     record = {"alpha": options.alpha, "hidden_weight": options.hidden_weight, "temperature": options.temperature,
               "steps": options.steps, "seed": options.seed, "threads": options.threads,
+              "kinds": args.reduction_kinds, "attention_heads_kept": _heads_kept(entry),
               "params": entry["params_after_cut"], "eval_accuracy_after_cut": entry["eval_accuracy_after_cut"],
               "eval_accuracy": entry["eval_accuracy"], "accepted": entry["accepted"],
               "final_steps": options.final_steps, "final_distillation": info["final_distillation"],

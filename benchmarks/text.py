@@ -173,9 +173,10 @@ def load_teacher(data: dict, tokenizer, budget: TextBudget) -> tuple[object, str
 
 
 def _rmtkd_args(budget: TextBudget, seed: int, quantile: float = 0.5, target: float | None = TARGET_PARAMS,
-                target_search: str | None = None, loss: dict | None = None) -> hf_rmtkd.RMTKDTrainingArguments:
-    """Library defaults for every spectral and distillation setting (``loss`` overrides the distillation weights); the
-    target, schedule and optimiser set here."""
+                target_search: str | None = None, loss: dict | None = None,
+                kinds: list[str] | None = None) -> hf_rmtkd.RMTKDTrainingArguments:
+    """Library defaults for every spectral and distillation setting (``loss`` overrides the distillation weights,
+    ``kinds`` the reduction kinds); the target, schedule and optimiser set here."""
     return hf_rmtkd.RMTKDTrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-rmtkd-"), per_device_train_batch_size=32,
         per_device_eval_batch_size=64, learning_rate=LEARNING_RATE, warmup_steps=0.06,
@@ -183,6 +184,7 @@ def _rmtkd_args(budget: TextBudget, seed: int, quantile: float = 0.5, target: fl
         final_distillation_steps=budget.final_steps, target_params=target, max_metric_drop=MAX_METRIC_DROP,
         spectrum_quantile=quantile, logging_steps=50, save_strategy="no", report_to=[], disable_tqdm=True,
         use_cpu=True, seed=seed, **({"target_search": target_search} if target_search else {}), **(loss or {}),
+        **({"reduction_kinds": kinds} if kinds else {}),
     )
 
 

@@ -30,8 +30,9 @@ from hf_rmtkd.reductions import REDUCTIONS, apply_low_rank, low_rank_parameters
 
 register_auto_classes()
 
-# case id -> (arch, head, config overrides, sites). A site is (kind, module path, rank) or ("ffn_width", index into
-# ffn_sites(arch, head), width). Sites are cut in order, each from statistics of the model as cut so far.
+# case id -> (arch, head, config overrides, sites). A site is (kind, module path, rank), ("ffn_width", index into
+# ffn_sites(arch, head), width) or ("attention_heads", layer, kept heads). Sites are cut in order, each from
+# statistics of the model as cut so far.
 CASES = {
     "bert-seqcls": (
         "bert",
@@ -44,6 +45,18 @@ CASES = {
             ("ffn_width", 0, 24),
             ("ffn_width", 1, 40),
             ("embedding", "bert.embeddings.word_embeddings", 12),
+        ],
+    ),
+    # Heads 1 and 3 of layer 0 dropped, then q/k/v factored at their narrowed width.
+    "bert-heads": (
+        "bert",
+        "sequence_classification",
+        {},
+        [
+            ("attention_heads", 0, [0, 2]),
+            ("low_rank", "bert.encoder.layer.0.attention.self.query", 8),
+            ("low_rank", "bert.encoder.layer.0.attention.self.key", 8, "bert.encoder.layer.0.attention.self.query"),
+            ("ffn_width", 1, 40),
         ],
     ),
     "bert-base": (
@@ -163,6 +176,12 @@ def reduce_model(arch, head, overrides, sites, seed=0):
         if kind == "ffn_width":
             path, producers = ffn_sites(arch, head)[where]
             entry = {"kind": kind, "width": size, "producers": producers}
+        elif kind == "attention_heads":  # `where`: the layer; `size`: the heads kept
+            block = f"{model.base_model_prefix}.encoder.layer.{where}.attention"
+            head_dim = model.config.hidden_size // model.config.num_attention_heads
+            path = f"{block}.output.dense"
+            entry = {"kind": kind, "width": len(size) * head_dim, "head_dim": head_dim, "heads": size,
+                     "producers": [f"{block}.self.{name}" for name in ("query", "key", "value")]}
         else:
             path, entry = where, {"kind": kind, "rank": size}
         if holder:  # a low_rank layer reading the same input as `holder`, sharing its projection

@@ -167,6 +167,30 @@ def test_parameter_target_is_reached_by_the_target_search(search, tmp_path):
         assert trainer.rmtkd_stop_reason.startswith("parameter target met")
 
 
+def test_attention_heads_kind_drops_heads_under_a_target_and_the_result_reloads(tmp_path):
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "heads"), sites_per_round=64, max_rounds=1, distillation_steps_per_round=2,
+        min_rank=2, max_metric_drop=1.0, target_params=0.25,  # reached at a signal fraction of about 0.57
+        reduction_kinds=["ffn_width", "low_rank", "embedding", "attention_heads"],
+    )
+    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+    trainer.train()
+    entries = trainer.model.config.reductions
+    heads = {path: entry for path, entry in entries.items() if entry["kind"] == "attention_heads"}
+    assert heads, entries
+    n_heads = teacher.config.num_attention_heads
+    for entry in heads.values():
+        assert 1 <= len(entry["heads"]) < n_heads and entry["width"] == len(entry["heads"]) * entry["head_dim"]
+    assert trainer.model.num_parameters() <= round(0.25 * trainer.rmtkd_log[0]["params_before"])
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    batch = {k: torch.tensor(v) for k, v in test[:8].items() if k != "labels"}
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def _calibrated_tiny_bert():
     from hf_rmtkd.calibration import calibrate
 

@@ -11,7 +11,7 @@ from transformers.utils import logging
 from .calibration import SiteMeasurement, calibrate
 from .cut import apply_plan
 from .modeling.modeling_rmtkd import rmtkd_class_for
-from .plan import plan_reductions
+from .plan import DEFAULT_KINDS, plan_reductions
 from .report import SiteSpectrum, SpectralReport
 
 __all__ = ["analyze", "base_of", "compress", "to_report"]
@@ -97,7 +97,7 @@ def compress(
     data,
     *,
     targets: list[str] | str | None = None,
-    kinds: tuple[str, ...] | list[str] = ("ffn_width", "low_rank", "embedding"),
+    kinds: tuple[str, ...] | list[str] = DEFAULT_KINDS,
     min_rank: int = 8,
     min_keep_ratio: float = 0.0,
     ffn_method: str = "select",
@@ -118,7 +118,8 @@ def compress(
         model: a transformers model (or an RMTKD model, which is cut further).
         data: calibration data, as for `analyze`.
         targets: restrict to sites by role, glob or regex.
-        kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``embedding``).
+        kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``embedding``; ``attention_heads`` is opt-in
+            and drops heads only under a parameter target, so a one-shot cut keeps every head that carries signal).
         min_rank: smallest rank / width installed.
         min_keep_ratio: smallest kept fraction k/d.
         ffn_method: ``"select"`` (whole neurons + least-squares refit, default) or ``"fold"``.

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "ArchitectureRoles", "Site", "SiteTemplate", "find_sites", "site_roles"]
+__all__ = [
+    "ARCHITECTURES", "ArchitectureRoles", "Site", "SiteTemplate", "attention_head_dim", "find_sites", "site_roles",
+]
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class SiteTemplate:
         role: what the tensor is (``attention_in``, ``attention_out``, ``ffn_in``, ``ffn_inner``, ``conv_inner``).
         hook: the module whose INPUT is captured (the first consumer).
         consumers: the layers that read the tensor (``low_rank`` candidates; they may share one projection).
-        producers: for inner widths, the modules whose output width is the tensor's width (``ffn_width``).
+        producers: for inner widths, the modules whose output width is the tensor's width (``ffn_width``); for an
+            attention output whose heads may be dropped, q/k/v (``attention_heads``).
     """
 
     role: str
@@ -50,14 +53,17 @@ class ArchitectureRoles:
 
 
 def _transformer(prefix_q, q, k, v, attn_out, ffn_up, ffn_down, ffn_producers=None, block=r"encoder\.layer\.\d+",
-                 embeddings=(r"embeddings\.word_embeddings",)) -> ArchitectureRoles:
+                 embeddings=(r"embeddings\.word_embeddings",), heads_from_width=False) -> ArchitectureRoles:
+    """The sites of a transformer block. ``heads_from_width``: the attention reshapes q/k/v into heads of a fixed size
+    and infers their count from the width (BERT's ``view(..., -1, head_size)``), so whole heads may be dropped."""
     join = lambda name: f"{prefix_q}.{name}" if prefix_q else name  # noqa: E731
     up = ffn_up if isinstance(ffn_up, tuple) else (ffn_up,)
+    qkv = (join(q), join(k), join(v))
     return ArchitectureRoles(
         block=block,
         sites=(
-            SiteTemplate("attention_in", join(q), (join(q), join(k), join(v))),
-            SiteTemplate("attention_out", attn_out, (attn_out,)),
+            SiteTemplate("attention_in", join(q), qkv),
+            SiteTemplate("attention_out", attn_out, (attn_out,), qkv if heads_from_width else ()),
             SiteTemplate("ffn_in", up[0], up),
             SiteTemplate("ffn_inner", ffn_down, (ffn_down,), ffn_producers or up),
         ),
@@ -66,7 +72,7 @@ def _transformer(prefix_q, q, k, v, attn_out, ffn_up, ffn_down, ffn_producers=No
 
 
 _BERT = _transformer("attention.self", "query", "key", "value", "attention.output.dense", "intermediate.dense",
-                     "output.dense")
+                     "output.dense", heads_from_width=True)
 _LLAMA = _transformer("self_attn", "q_proj", "k_proj", "v_proj", "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"),
                       "mlp.down_proj", block=r"layers\.\d+", embeddings=(r"embed_tokens",))
 
@@ -223,3 +229,12 @@ def find_sites(model: nn.Module, targets: list[str] | str | None = None) -> list
 def site_roles(model: nn.Module) -> ArchitectureRoles | None:
     """The role table for ``model``'s architecture, or None when it is reached through ``targets=`` only."""
     return ARCHITECTURES.get(_model_type(model) or "")
+
+
+def attention_head_dim(model: nn.Module) -> int | None:
+    """The features of one attention head (``hidden_size / num_attention_heads``); None when the config lacks them."""
+    config = getattr(model, "config", None)
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1 or hidden % heads:
+        return None
+    return hidden // heads

@@ -1,7 +1,8 @@
 """Cutting: carry out a `Plan` on a model with each site's measured statistics.
 
-FFN-width cuts go first (as when a model is built from its map): they resize a producer (e.g. ``intermediate.dense``)
-that a ``low_rank`` cut of the same round may then factor, and the factor must see the producer's new output width.
+Width cuts (``ffn_width``, ``attention_heads``) go first, as when a model is built from its map: they resize a producer
+(e.g. ``intermediate.dense``, ``query``) that a ``low_rank`` cut of the same round may then factor, and the factor must
+see the producer's new output width.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .calibration import SiteMeasurement
+from .modeling.layers_rmtkd import WIDTH_KINDS
 from .plan import Plan
 from .reductions import REDUCTIONS
 
@@ -26,11 +28,11 @@ def apply_plan(model: nn.Module, plan: Plan, measurements: list[SiteMeasurement]
     """
     by_site = {m.site.name: m for m in measurements}
     entries = plan.reduction_map()
-    for cut in sorted(plan.cuts, key=lambda c: c.kind != "ffn_width"):
+    for cut in sorted(plan.cuts, key=lambda c: c.kind not in WIDTH_KINDS):
         m = by_site[cut.site]
         stats = {
             "covariance": m.statistics.covariance(centre=True),
-            "mean": m.statistics.mean() if m.centred or cut.kind == "ffn_width" else None,
+            "mean": m.statistics.mean() if m.centred or cut.kind in WIDTH_KINDS else None,
             "eigenvalues": m.eigenvalues,
             "eigenvectors": m.eigenvectors,
         }

@@ -1,7 +1,9 @@
 """Planning: from measured spectra to a reduction per site, decided once.
 
 Each site's kind follows from its role (embeddings → ``embedding``, FFN / bottleneck inner widths → ``ffn_width``,
-every other Linear input → ``low_rank`` of the Linears reading it, which share one projection). The rank is the
+every other Linear input → ``low_rank`` of the Linears reading it, which share one projection). With
+``attention_heads`` enabled, an attention output (BERT family) whose signal a parameter target leaves on fewer heads
+drops the other heads instead of being factored. The rank is the
 spectrum's outlier count k, clamped to ``[min_rank, d]`` and to ``min_keep_ratio·d``; a cut that would not save
 parameters is skipped, with the reason kept for the report.
 
@@ -13,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from .architectures import attention_head_dim
 from .calibration import SiteMeasurement
+from .modeling.layers_rmtkd import WIDTH_KINDS
+from .reductions.attention_heads import head_signal, heads_holding
 from .spectrum import signal_variances
 
 __all__ = [
@@ -43,7 +49,9 @@ KIND_FOR_ROLE = {
     "ffn_in": "low_rank",
     "linear": "low_rank",
 }
-KINDS = ("low_rank", "ffn_width", "embedding")
+KINDS = ("low_rank", "ffn_width", "attention_heads", "embedding")
+DEFAULT_KINDS = ("ffn_width", "low_rank", "embedding")  # attention_heads is opt-in
+WIDTH_ROLES = ("ffn_inner", "conv_inner", "attention_out")  # roles whose cut may narrow a producer's output
 MAX_QUANTILE = 0.99  # the largest τ the target search tries: σ² at the 99th percentile of the spectrum
 
 
@@ -62,6 +70,7 @@ class PlannedCut:
     modules: list[str]  # the modules the cut replaces or resizes
     producers: list[str] = field(default_factory=list)
     shared_projection: bool = False  # low_rank of several Linears reading one input: one P, held by modules[0]
+    heads: list[int] = field(default_factory=list)  # attention_heads: the heads kept (rank = len(heads) · head_dim)
 
     @property
     def saved(self) -> int:
@@ -81,6 +90,10 @@ class Plan:
         for cut in self.cuts:
             if cut.kind == "ffn_width":
                 entries[cut.modules[0]] = {"kind": "ffn_width", "width": cut.rank, "producers": list(cut.producers)}
+            elif cut.kind == "attention_heads":
+                entries[cut.modules[0]] = {"kind": "attention_heads", "width": cut.rank,
+                                           "head_dim": cut.rank // len(cut.heads), "producers": list(cut.producers),
+                                           "heads": list(cut.heads)}
             else:
                 for path in cut.modules:
                     entries[path] = {"kind": cut.kind, "rank": cut.rank}
@@ -130,11 +143,18 @@ def _embedding_tied(model: nn.Module, path: str, modules: dict) -> bool:
     return output is not None and getattr(output, "weight", None) is modules[path].weight
 
 
+def _heads_kept(measurement: SiteMeasurement, head_dim: int) -> list[int]:
+    """The fewest heads holding the site's signal fraction of what its kept outliers carry (all at fraction 1)."""
+    signal = signal_variances(measurement.eigenvalues, measurement.outliers)
+    mass = head_signal(measurement.eigenvectors[:, : signal.numel()], signal, head_dim)
+    return heads_holding(mass, measurement.outliers.signal_fraction)
+
+
 def plan_reductions(
     measurements: list[SiteMeasurement],
     model: nn.Module,
     *,
-    kinds: tuple[str, ...] | list[str] = KINDS,
+    kinds: tuple[str, ...] | list[str] = DEFAULT_KINDS,
     min_rank: int = 8,
     min_keep_ratio: float = 0.0,
     max_sites: int | None = None,
@@ -167,12 +187,21 @@ def plan_reductions(
     # Widths after the cuts planned so far: an ffn_width cut narrows its producers' outputs and its consumer's input,
     # and is applied before any low-rank cut, so later cuts of the same plan are sized on the narrowed layers.
     shapes = {path: _io(module) for path, module in modules.items() if hasattr(module, "weight")}
-    # Within a block, plan the FFN width before the low-rank cuts (e.g. of `intermediate.dense`, its producer).
-    ordered = sorted(measurements, key=lambda m: (m.site.layer, KIND_FOR_ROLE[m.site.role] != "ffn_width"))
+    # Within a block, plan the widths before the low-rank cuts of their producers (`intermediate.dense`, q/k/v).
+    ordered = sorted(measurements, key=lambda m: (m.site.layer, m.site.role not in WIDTH_ROLES))
+    head_dim = attention_head_dim(model) if "attention_heads" in kinds else None
     for m in ordered:
         site, d = m.site, m.d
         kind = KIND_FOR_ROLE[site.role]
         rank = min(d, max(m.k, min_rank, math.ceil(min_keep_ratio * d)))
+        heads = []
+        if (site.role == "attention_out" and head_dim and site.producers and d % head_dim == 0
+                and all(type(modules[p]) is nn.Linear for p in site.producers) and site.name not in exclude):
+            heads = _heads_kept(m, head_dim)
+            if len(heads) * head_dim < d:
+                kind, rank = "attention_heads", len(heads) * head_dim
+            else:
+                heads = []
         if site.name in exclude:
             skipped[site.name] = "excluded"
             continue
@@ -190,7 +219,7 @@ def plan_reductions(
             # Linears reading one input keep one copy of P (k × d) between them.
             shared = len(touched) > 1 and not any(isinstance(modules[c], nn.Conv2d) for c in touched)
             after -= (len(touched) - 1) * rank * d if shared else 0
-        elif kind == "ffn_width":
+        elif kind in WIDTH_KINDS:
             if not all(type(modules[p]) in (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
                        for p in site.producers):
                 skipped[site.name] = "a producer was already replaced by a reduced module"
@@ -210,7 +239,8 @@ def plan_reductions(
         if after >= before:
             skipped[site.name] = f"rank {rank} would not save parameters ({after} >= {before})"
             continue
-        cuts.append(PlannedCut(site.name, site.role, kind, d, m.k, rank, before, after, touched, producers, shared))
+        cuts.append(PlannedCut(site.name, site.role, kind, d, m.k, rank, before, after, touched, producers, shared,
+                               heads))
         shapes.update(new_shapes)
         if max_sites is not None and len(cuts) >= max_sites:
             break
@@ -278,6 +308,13 @@ def _signal_rank(measurement: SiteMeasurement, fraction: float) -> int:
     return min(measurement.k, int((held < fraction).sum()) + 1)
 
 
+def _with_outliers(measurement: SiteMeasurement, outliers) -> SiteMeasurement:
+    """A shallow copy with another outlier count: statistics and eigenvectors, once computed, are shared."""
+    twin = copy.copy(measurement)
+    twin.outliers = outliers
+    return twin
+
+
 def keep_signal_fraction(measurements: list[SiteMeasurement], fraction: float) -> list[SiteMeasurement]:
     """The measurements with each site's k lowered to the fewest outliers holding ``fraction`` of its signal.
 
@@ -293,16 +330,19 @@ def keep_signal_fraction(measurements: list[SiteMeasurement], fraction: float) -
     """
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    if fraction >= 1:
+        return list(measurements)
     kept = []
     for m in measurements:
         k = _signal_rank(m, fraction)
         if k == m.k:
-            kept.append(m)
+            kept.append(_with_outliers(m, replace(m.outliers, signal_fraction=fraction)))
             continue
         total = float(m.eigenvalues.clamp(min=0).sum())
         retained = float(m.eigenvalues[:k].clamp(min=0).sum()) / total if total > 0 else 0.0
         note = f"{k} of the {m.k} outliers: those holding {fraction:.4f} of the signal variance"
-        kept.append(replace(m, outliers=replace(m.outliers, k=k, retained_variance=retained, note=note)))
+        outliers = replace(m.outliers, k=k, retained_variance=retained, note=note, signal_fraction=fraction)
+        kept.append(_with_outliers(m, outliers))
     return kept
 
 

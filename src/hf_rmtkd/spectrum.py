@@ -391,6 +391,9 @@ class OutlierCount:
     quantile: float
     edge: str
     note: str = ""
+    # Below 1 when a parameter target lowered k to the fewest outliers holding this fraction of the signal
+    # (`hf_rmtkd.plan.keep_signal_fraction`); cuts that keep whole groups (attention heads) keep the same fraction.
+    signal_fraction: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .plan import KINDS
+from .plan import DEFAULT_KINDS, KINDS
 from .reductions.ffn_width import METHODS as FFN_WIDTH_METHODS
 from .spectrum import EDGES, ESTIMATORS
 
@@ -152,11 +152,13 @@ class RMTKDTrainingArguments(TrainingArguments):
         },
     )
     reduction_kinds: list[str] = field(
-        default_factory=lambda: ["ffn_width", "low_rank", "embedding"],
+        default_factory=lambda: list(DEFAULT_KINDS),
         metadata={
             "help": "Reduction kinds allowed: 'ffn_width' (shrink an FFN's inner width), 'low_rank' (factor a "
-            "layer through its input's top-k directions), 'embedding' (factor the token embeddings). Sites whose "
-            "kind is not listed are left alone.",
+            "layer through its input's top-k directions), 'embedding' (factor the token embeddings), "
+            "'attention_heads' (opt-in, BERT family: under a parameter target, drop the attention heads outside "
+            "the fewest holding the kept fraction of the attention output's signal; attention gets faster, which "
+            "low_rank alone cannot do). Sites whose kind is not listed are left alone.",
             "choices": list(KINDS),
         },
     )

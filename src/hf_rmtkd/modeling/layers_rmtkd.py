@@ -14,6 +14,9 @@ A reduction map is ``{module path: entry}``, with module paths relative to the w
   up-projection (format version 2).
 - ``{"kind": "ffn_width", "width": k, "producers": [...]}``: the producers' output dim and the consumer's input dim
   become k; they stay plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm``.
+- ``{"kind": "attention_heads", "width": h·head_dim, "head_dim": head_dim, "producers": [q, k, v], "heads": [...]}``:
+  an attention block keeps h whole heads (``heads``, for the record): q/k/v output and the output projection's input
+  become h·head_dim; they stay plain ``nn.Linear`` (BERT-family attention infers its head count from that width).
 - ``{"kind": "embedding", "rank": k}``: an ``nn.Embedding(V, d)`` becomes a :class:`LowRankEmbedding`.
 """
 
@@ -342,9 +345,10 @@ def _with_input_width(old: nn.Module, width: int, device=None) -> nn.Module:
 
 def plan_ffn_width(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
     """Shape-only replacements for an ``ffn_width`` entry: the consumer at ``path`` and every producer."""
+    kind = entry.get("kind", "ffn_width")
     producers = entry.get("producers")
     if not producers or not isinstance(producers, (list, tuple)):
-        raise ValueError(f"ffn_width entry for '{path}' needs a non-empty 'producers' list of module paths.")
+        raise ValueError(f"{kind} entry for '{path}' needs a non-empty 'producers' list of module paths.")
     consumer = get_submodule(model, path)
     d_inner = consumer_width(path, consumer)
     width = _check_rank(path, entry.get("width"), d_inner, "'width'")
@@ -353,11 +357,26 @@ def plan_ffn_width(model: nn.Module, path: str, entry: dict, device=None) -> dic
         module = get_submodule(model, producer)
         if producer_width(producer, module) != d_inner:
             raise ValueError(
-                f"ffn_width entry for '{path}': producer '{producer}' outputs {producer_width(producer, module)} "
+                f"{kind} entry for '{path}': producer '{producer}' outputs {producer_width(producer, module)} "
                 f"features but the consumer reads {d_inner}."
             )
         plan[producer] = _with_output_width(module, width, device)
     return plan
+
+
+def plan_attention_heads(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
+    """Shape-only replacements for an ``attention_heads`` entry: the output projection at ``path`` and q/k/v.
+
+    The shapes are those of an ``ffn_width`` cut whose width is a whole number of heads.
+    """
+    head_dim, width = entry.get("head_dim"), entry.get("width")
+    whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (head_dim, width))
+    if not whole or width % head_dim:
+        raise ValueError(
+            f"attention_heads entry for '{path}': 'width' ({width!r}) must be a positive multiple of 'head_dim' "
+            f"({head_dim!r}), the features of one head."
+        )
+    return plan_ffn_width(model, path, entry, device)
 
 
 def tied_embedding_error(model: nn.Module, path: str, embedding: nn.Embedding) -> str | None:
@@ -387,7 +406,15 @@ def plan_embedding(model: nn.Module, path: str, entry: dict, device=None) -> dic
     return {path: new}
 
 
-PLANNERS = {"low_rank": plan_low_rank, "ffn_width": plan_ffn_width, "embedding": plan_embedding}
+PLANNERS = {
+    "low_rank": plan_low_rank,
+    "ffn_width": plan_ffn_width,
+    "attention_heads": plan_attention_heads,
+    "embedding": plan_embedding,
+}
+# Kinds that resize a producer's output (e.g. ``intermediate.dense``, ``query``), which a ``low_rank`` entry may then
+# factor: they are installed first.
+WIDTH_KINDS = ("ffn_width", "attention_heads")
 
 
 def plan_reduction(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
@@ -443,13 +470,13 @@ def link_shared_projection(model: nn.Module, path: str, entry: dict) -> None:
 
 
 def apply_reduction_map(model: nn.Module, reductions: dict) -> None:
-    """Install every entry of a reduction map (shapes only) into ``model``, ``ffn_width`` entries first.
+    """Install every entry of a reduction map (shapes only) into ``model``, `WIDTH_KINDS` entries first.
 
-    An ``ffn_width`` entry resizes a producer (e.g. ``intermediate.dense``) that a ``low_rank`` entry may then factor,
-    and config.json stores the map with sorted keys, so the order is fixed here rather than taken from the file.
-    Layers that share a projection are linked once every entry is installed.
+    An ``ffn_width`` / ``attention_heads`` entry resizes a producer (e.g. ``intermediate.dense``, ``query``) that a
+    ``low_rank`` entry may then factor, and config.json stores the map with sorted keys, so the order is fixed here
+    rather than taken from the file. Layers that share a projection are linked once every entry is installed.
     """
-    ordered = sorted(reductions.items(), key=lambda item: item[1].get("kind") != "ffn_width")
+    ordered = sorted(reductions.items(), key=lambda item: item[1].get("kind") not in WIDTH_KINDS)
     for path, entry in ordered:
         build_reduction(model, path, entry)
     for path, entry in ordered:

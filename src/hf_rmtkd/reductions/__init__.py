@@ -5,7 +5,7 @@
 - ``build(model, path, entry)``: install modules of the reduced shapes from the map entry alone (what the checkpoint
   classes do at load time, on the meta device);
 - ``surgery``: the kind's named function computing the reduced weights from tensors (``apply_low_rank``,
-  ``apply_ffn_width``, ``apply_embedding``);
+  ``apply_ffn_width``, ``apply_attention_heads``, ``apply_embedding``);
 - ``apply(model, path, entry, *, covariance, mean, eigenvalues, eigenvectors, **options)``: the surgery driven by a
   map entry and the site's spectral statistics, with one signature for every kind;
 - ``parameter_savings(model, path, entry)``: exact parameters removed by the entry (negative: the cut costs
@@ -23,6 +23,7 @@ from torch import nn
 
 from ..modeling.layers_rmtkd import build_reduction, get_submodule, plan_reduction
 from ..utils import count_parameters
+from .attention_heads import apply_attention_heads, head_signal, heads_holding
 from .embedding import apply_embedding, embedding_parameters
 from .ffn_width import apply_ffn_width, reconstruction_map, select_neurons
 from .low_rank import apply_low_rank, low_rank_parameters, low_rank_pays
@@ -73,6 +74,16 @@ def _apply_ffn_width(model, path, entry, *, covariance, mean, eigenvalues, eigen
     )
 
 
+def _apply_attention_heads(model, path, entry, *, covariance, mean, eigenvalues, eigenvectors, **options):
+    head_dim, width = entry["head_dim"], entry["width"]
+    heads = entry.get("heads")
+    if heads is None:  # an entry written by hand: the heads holding most of the top-``width`` eigen-directions
+        mass = head_signal(eigenvectors[:, :width], eigenvalues[:width].clamp_min(0), head_dim)
+        heads = sorted(torch.argsort(mass, descending=True)[: width // head_dim].tolist())
+    return apply_attention_heads(model, path, entry["producers"], covariance=covariance, mean=mean, heads=heads,
+                                 head_dim=head_dim, **options)
+
+
 @dataclass(frozen=True)
 class Reduction:
     """One reduction kind: its shape-only builder, its surgery and a uniform entry point (see module docstring)."""
@@ -87,16 +98,20 @@ class Reduction:
 REDUCTIONS: dict[str, Reduction] = {
     "low_rank": Reduction("low_rank", build_reduction, apply_low_rank, _apply_low_rank),
     "ffn_width": Reduction("ffn_width", build_reduction, apply_ffn_width, _apply_ffn_width),
+    "attention_heads": Reduction("attention_heads", build_reduction, apply_attention_heads, _apply_attention_heads),
     "embedding": Reduction("embedding", build_reduction, apply_embedding, _apply_embedding),
 }
 
 __all__ = [
     "REDUCTIONS",
     "Reduction",
+    "apply_attention_heads",
     "apply_embedding",
     "apply_ffn_width",
     "apply_low_rank",
     "embedding_parameters",
+    "head_signal",
+    "heads_holding",
     "low_rank_parameters",
     "low_rank_pays",
     "parameter_savings",

@@ -127,6 +127,27 @@ def _fold(old: dict, new: dict, consumer: str, producer: str, U_k: torch.Tensor,
     _set_consumer(old[consumer], new[consumer], P.T, mu - P.T @ (P @ mu))
 
 
+def keep_features(old: dict, new: dict, consumer: str, producers: list[str], keep: torch.Tensor, sigma: torch.Tensor,
+                  mu: torch.Tensor, ridge: float = 1e-6) -> None:
+    """Fill narrowed modules that keep features J: producers sliced to J, the consumer refit by least squares.
+
+    Args:
+        old, new: ``{path: module}`` before and after (same keys: the consumer and every producer).
+        consumer, producers: the paths.
+        keep: J, the kept feature indices, sorted ascending.
+        sigma: Σ, the centred covariance of the consumer's input, (d, d) float64.
+        mu: μ, its mean, (d,) (zeros when the statistics are uncentred).
+        ridge: relative ridge of the refit.
+    """
+    for producer in producers:
+        _slice_producer(old[producer], new[producer], keep)
+    # A consumer with a bias absorbs the mean term, so fit on Σ; without one, fit on Σ + μμᵀ (no intercept).
+    has_bias = old[consumer].bias is not None
+    second_moment = sigma if has_bias else sigma + torch.outer(mu, mu)
+    mix = reconstruction_map(second_moment, keep, ridge)  # (d, k)
+    _set_consumer(old[consumer], new[consumer], mix, mu - mix @ mu[keep])
+
+
 @torch.no_grad()
 def apply_ffn_width(
     model: nn.Module,
@@ -189,13 +210,7 @@ def apply_ffn_width(
         _fold(old, new, consumer, producers[0], eigenvectors[:, :width].to(sigma), mu)
     else:
         keep = select_neurons(eigenvectors, eigenvalues, width).to(sigma.device)
-        for producer in producers:
-            _slice_producer(old[producer], new[producer], keep)
-        # A consumer with a bias absorbs the mean term, so fit on Σ; without one, fit on Σ + μμᵀ (no intercept).
-        has_bias = old[consumer].bias is not None
-        second_moment = sigma if has_bias else sigma + torch.outer(mu, mu)
-        mix = reconstruction_map(second_moment, keep, ridge)  # (d, k)
-        _set_consumer(old[consumer], new[consumer], mix, mu - mix @ mu[keep])
+        keep_features(old, new, consumer, producers, keep, sigma, mu, ridge)
 
     for path, module in new.items():
         set_submodule(model, path, module)
