@@ -34,6 +34,7 @@ from transformers import AutoModelForSequenceClassification
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.bench import compare_speed, count_flops, example_inputs
 from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
+from hf_rmtkd.modeling.layers_rmtkd import WIDTH_KINDS
 from hf_rmtkd.plan import Plan, PlannedCut
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,10 +72,10 @@ def rmtkd_shaped_model(teacher, log: list[dict]):
         for name, cut in entry["sites"].items():
             site, kind = sites[name], cut["kind"]
             modules = [name] if kind == "embedding" else list(site.consumers)
-            producers = list(site.producers) if kind == "ffn_width" else []
+            producers = list(site.producers) if kind in WIDTH_KINDS else []
             shared = kind == "low_rank" and len(modules) > 1
             cuts.append(PlannedCut(name, site.role, kind, cut["d"], cut["k_spectrum"], cut["k"], 0, 0, modules,
-                                   producers, shared))
+                                   producers, shared, cut.get("heads", [])))
         round_map = Plan(cuts, {}).reduction_map()
         apply_reduction_map(base, round_map)
         reductions.update(round_map)

@@ -55,6 +55,7 @@ from hf_rmtkd.bench import example_inputs, parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.data import load_rotten_tomatoes, minilm_path, tokenize_dataset
 from hf_rmtkd.metrics import compute_accuracy
+from hf_rmtkd.plan import DEFAULT_KINDS
 
 __all__ = ["FULL", "QUICK", "TextBudget", "run_minilm_rt"]
 
@@ -62,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 DEMO_TEACHER = HERE.parent / "demo_out" / "teacher"
 TEACHER_RECIPE = {"learning_rate": 1e-4, "batch_size": 32, "seed": 0}
 MAX_LENGTH = 64
-KINDS = ["ffn_width", "low_rank", "embedding"]
+KINDS = list(DEFAULT_KINDS)  # the library default, for the baselines that reuse its planner
 MIN_RANK = 8  # the library default
 MATCH_TOLERANCE = 0.03
 

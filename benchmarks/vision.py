@@ -42,6 +42,7 @@ from hf_rmtkd.bench import parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.data import load_mnist5k
 from hf_rmtkd.metrics import compute_accuracy
+from hf_rmtkd.plan import DEFAULT_KINDS
 
 __all__ = ["FULL", "QUICK", "VisionBudget", "run_resnet_mnist"]
 
@@ -51,7 +52,7 @@ ARCHITECTURE = dict(num_channels=1, embedding_size=32, hidden_sizes=[64, 128, 25
                     layer_type="bottleneck", num_labels=10)
 TEACHER_SETTINGS = {"architecture": ARCHITECTURE, "train_examples": 3500, "epochs": 12, "learning_rate": 1e-3,
                     "batch_size": 64, "seed": 0, "best_epoch_on_validation": True}
-KINDS = ["ffn_width", "low_rank", "embedding"]
+KINDS = list(DEFAULT_KINDS)  # the library default, for the baselines that reuse its planner
 MIN_RANK = 8  # the library default
 MATCH_TOLERANCE = 0.03
 

@@ -149,7 +149,7 @@ def test_planner_drops_heads_only_under_a_signal_fraction_and_only_when_enabled(
         mass = head_signal(m.eigenvectors[:, : m.k], signal_variances(m.eigenvalues, m.outliers), head_dim)
         others = [h for h in range(n_heads) if h not in cut.heads]
         assert float(mass[cut.heads].min()) >= float(mass[others].max())
-    # Not enabled (the default kinds): factored as before.
+    # Not enabled: factored as before.
     assert {c.kind for c in cuts(0.6, ["ffn_width", "low_rank", "embedding"]).values()} == {"low_rank"}
 
 

@@ -75,7 +75,7 @@ def test_every_new_field_has_help_and_a_validity_case():
 
 def test_defaults_are_valid(tmp_path):
     args = make(tmp_path)
-    assert args.reduction_kinds == ["ffn_width", "low_rank", "embedding"]
+    assert args.reduction_kinds == ["ffn_width", "low_rank", "attention_heads", "embedding"]
     assert args.rmtkd_targets is None and args.target_params is None
     assert (args.distillation_alpha, args.distillation_temperature) == (0.7, 1.0)
     assert args.param_target(1000) is None

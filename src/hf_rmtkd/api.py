@@ -118,8 +118,9 @@ def compress(
         model: a transformers model (or an RMTKD model, which is cut further).
         data: calibration data, as for `analyze`.
         targets: restrict to sites by role, glob or regex.
-        kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``embedding``; ``attention_heads`` is opt-in
-            and drops heads only under a parameter target, so a one-shot cut keeps every head that carries signal).
+        kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``attention_heads``, ``embedding``).
+            ``attention_heads`` drops heads only under a parameter target (`RMTKDTrainer`), so a one-shot cut keeps
+            every head that carries signal and factors the attention output instead.
         min_rank: smallest rank / width installed.
         min_keep_ratio: smallest kept fraction k/d.
         ffn_method: ``"select"`` (whole neurons + least-squares refit, default) or ``"fold"``.

@@ -50,8 +50,12 @@ KIND_FOR_ROLE = {
     "linear": "low_rank",
 }
 KINDS = ("low_rank", "ffn_width", "attention_heads", "embedding")
-DEFAULT_KINDS = ("ffn_width", "low_rank", "embedding")  # attention_heads is opt-in
-WIDTH_ROLES = ("ffn_inner", "conv_inner", "attention_out")  # roles whose cut may narrow a producer's output
+# attention_heads acts only under a parameter target (a signal fraction below 1): on MiniLM-L6 at -80% it kept 52 of
+# 72 heads and ended 0.6 points higher on validation than the same run without it (benchmarks/distillation_sweep.py).
+DEFAULT_KINDS = ("ffn_width", "low_rank", "attention_heads", "embedding")
+# Within a block, sites whose cut may narrow a producer's output come first (FFN inner widths, then the attention
+# output, whose heads narrow q/k/v), so the low-rank cuts of those producers are sized on the narrowed layers.
+PLANNING_ORDER = {"ffn_inner": 0, "conv_inner": 0, "attention_out": 1}
 MAX_QUANTILE = 0.99  # the largest τ the target search tries: σ² at the 99th percentile of the spectrum
 
 
@@ -184,11 +188,10 @@ def plan_reductions(
         raise ValueError(f"min_rank must be at least 1, got {min_rank}")
     modules = dict(model.named_modules())
     cuts, skipped = [], {}
-    # Widths after the cuts planned so far: an ffn_width cut narrows its producers' outputs and its consumer's input,
-    # and is applied before any low-rank cut, so later cuts of the same plan are sized on the narrowed layers.
+    # Widths after the cuts planned so far: a width cut (ffn_width, attention_heads) narrows its producers' outputs and
+    # its consumer's input, and is applied before any low-rank cut, so later cuts of the plan see the narrowed layers.
     shapes = {path: _io(module) for path, module in modules.items() if hasattr(module, "weight")}
-    # Within a block, plan the widths before the low-rank cuts of their producers (`intermediate.dense`, q/k/v).
-    ordered = sorted(measurements, key=lambda m: (m.site.layer, m.site.role not in WIDTH_ROLES))
+    ordered = sorted(measurements, key=lambda m: (m.site.layer, PLANNING_ORDER.get(m.site.role, 2)))
     head_dim = attention_head_dim(model) if "attention_heads" in kinds else None
     for m in ordered:
         site, d = m.site, m.d

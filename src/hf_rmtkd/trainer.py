@@ -302,7 +302,9 @@ class RMTKDTrainer(Trainer):
     def _with_lora(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        names = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)})
+        # Full paths, not name suffixes: after a cut, "query" may name a plain Linear in one layer and a LowRankLinear
+        # (whose own factors are the Linears to adapt) in another, and PEFT refuses the latter.
+        names = sorted(path for path, m in model.named_modules() if isinstance(m, nn.Linear))
         config = LoraConfig(r=self.args.lora_r, lora_alpha=self.args.lora_alpha,
                             lora_dropout=self.args.lora_dropout, target_modules=names)
         return get_peft_model(model, config)
@@ -387,8 +389,8 @@ class RMTKDTrainer(Trainer):
                 accepted, reason = True, "within max_metric_drop"
             entry = {
                 "round": state["round"],
-                "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
-                          for c in plan.cuts},
+                "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum,
+                                   **({"heads": c.heads} if c.heads else {})} for c in plan.cuts},
                 "spectrum_quantile": self._quantile,
                 "signal_fraction": self._signal_fraction,
                 "params_before": params,

@@ -156,9 +156,9 @@ class RMTKDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Reduction kinds allowed: 'ffn_width' (shrink an FFN's inner width), 'low_rank' (factor a "
             "layer through its input's top-k directions), 'embedding' (factor the token embeddings), "
-            "'attention_heads' (opt-in, BERT family: under a parameter target, drop the attention heads outside "
-            "the fewest holding the kept fraction of the attention output's signal; attention gets faster, which "
-            "low_rank alone cannot do). Sites whose kind is not listed are left alone.",
+            "'attention_heads' (BERT family, only under target_params with the signal_fraction search: keep the "
+            "fewest heads holding the kept fraction of the attention output's signal, so attention itself gets "
+            "cheaper, which low_rank cannot do). Sites whose kind is not listed are left alone.",
             "choices": list(KINDS),
         },
     )
