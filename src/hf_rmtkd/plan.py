@@ -1,11 +1,10 @@
 """Planning: from measured spectra to a reduction per site, decided once.
 
 Each site's kind follows from its role (embeddings → ``embedding``, FFN / bottleneck inner widths → ``ffn_width``,
-every other Linear input → ``low_rank`` of the Linears reading it, which share one projection). With
-``attention_heads`` enabled, an attention output (BERT family) whose signal a parameter target leaves on fewer heads
-drops the other heads instead of being factored. The rank is the
+every other Linear input → ``low_rank`` of the Linears reading it, which share one projection). The rank is the
 spectrum's outlier count k, clamped to ``[min_rank, d]`` and to ``min_keep_ratio·d``; a cut that would not save
-parameters is skipped, with the reason kept for the report.
+parameters is skipped, with the reason kept for the report. With ``attention_heads`` enabled, an attention output
+(BERT family) whose kept signal a parameter target leaves on fewer heads drops the others instead of being factored.
 
 Example:
     >>> plan = plan_reductions(measurements, model, min_rank=8)  # doctest: +SKIP
@@ -147,11 +146,17 @@ def _embedding_tied(model: nn.Module, path: str, modules: dict) -> bool:
     return output is not None and getattr(output, "weight", None) is modules[path].weight
 
 
-def _heads_kept(measurement: SiteMeasurement, head_dim: int) -> list[int]:
-    """The fewest heads holding the site's signal fraction of what its kept outliers carry (all at fraction 1)."""
+def _heads_to_keep(measurement: SiteMeasurement, modules: dict, head_dim: int | None) -> list[int]:
+    """For an attention output whose q/k/v are still plain Linears: the fewest heads holding the site's signal
+    fraction of what its kept outliers carry, when that is fewer than all of them; else ``[]`` (no head is dropped)."""
+    site = measurement.site
+    if (site.role != "attention_out" or not head_dim or not site.producers or measurement.d % head_dim
+            or not all(type(modules[p]) is nn.Linear for p in site.producers)):
+        return []
     signal = signal_variances(measurement.eigenvalues, measurement.outliers)
     mass = head_signal(measurement.eigenvectors[:, : signal.numel()], signal, head_dim)
-    return heads_holding(mass, measurement.outliers.signal_fraction)
+    heads = heads_holding(mass, measurement.outliers.signal_fraction)
+    return heads if len(heads) * head_dim < measurement.d else []
 
 
 def plan_reductions(
@@ -197,14 +202,9 @@ def plan_reductions(
         site, d = m.site, m.d
         kind = KIND_FOR_ROLE[site.role]
         rank = min(d, max(m.k, min_rank, math.ceil(min_keep_ratio * d)))
-        heads = []
-        if (site.role == "attention_out" and head_dim and site.producers and d % head_dim == 0
-                and all(type(modules[p]) is nn.Linear for p in site.producers) and site.name not in exclude):
-            heads = _heads_kept(m, head_dim)
-            if len(heads) * head_dim < d:
-                kind, rank = "attention_heads", len(heads) * head_dim
-            else:
-                heads = []
+        heads = _heads_to_keep(m, modules, head_dim) if site.name not in exclude else []
+        if heads:
+            kind, rank = "attention_heads", len(heads) * head_dim
         if site.name in exclude:
             skipped[site.name] = "excluded"
             continue
