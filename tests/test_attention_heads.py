@@ -115,6 +115,9 @@ def test_entry_errors_name_the_module():
     with pytest.raises(ValueError, match=r"attention_heads entry for '.*output\.dense'.*multiple of 'head_dim'"):
         REDUCTIONS["attention_heads"].build(model, consumer, {**entry, "width": entry["width"] + 1})
     stats = site_statistics(model, consumer, tiny_inputs("bert"))
+    without_heads = {key: value for key, value in entry.items() if key != "heads"}
+    with pytest.raises(ValueError, match=r"output\.dense' needs 'heads'"):
+        REDUCTIONS["attention_heads"].apply(model, consumer, without_heads, **stats)
     with pytest.raises(ValueError, match=r"output\.dense.*distinct indices in \[0, 4\)"):
         apply_attention_heads(model, consumer, entry["producers"], covariance=stats["covariance"],
                               mean=stats["mean"], heads=[0, 7], head_dim=entry["head_dim"])

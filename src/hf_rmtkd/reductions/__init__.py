@@ -75,13 +75,10 @@ def _apply_ffn_width(model, path, entry, *, covariance, mean, eigenvalues, eigen
 
 
 def _apply_attention_heads(model, path, entry, *, covariance, mean, eigenvalues, eigenvectors, **options):
-    head_dim, width = entry["head_dim"], entry["width"]
-    heads = entry.get("heads")
-    if heads is None:  # an entry written by hand: the heads holding most of the top-``width`` eigen-directions
-        mass = head_signal(eigenvectors[:, :width], eigenvalues[:width].clamp_min(0), head_dim)
-        heads = sorted(torch.argsort(mass, descending=True)[: width // head_dim].tolist())
-    return apply_attention_heads(model, path, entry["producers"], covariance=covariance, mean=mean, heads=heads,
-                                 head_dim=head_dim, **options)
+    if "heads" not in entry:  # which heads to keep is the planner's decision; the surgery does not guess it
+        raise ValueError(f"attention_heads entry for '{path}' needs 'heads', the indices of the heads to keep.")
+    return apply_attention_heads(model, path, entry["producers"], covariance=covariance, mean=mean,
+                                 heads=entry["heads"], head_dim=entry["head_dim"], **options)
 
 
 @dataclass(frozen=True)
