@@ -208,12 +208,7 @@ def energy_rank(eigenvalues: torch.Tensor, threshold: float) -> int:
 
 def _with_energy_ranks(measurements, threshold: float):
     """Copies of the measurements whose outlier count k is the energy rank (eigenvectors, once computed, shared)."""
-    changed = []
-    for m in measurements:
-        twin = copy.copy(m)  # shallow: statistics and cached eigenvectors are shared, not recomputed
-        twin.outliers = replace(m.outliers, k=energy_rank(m.eigenvalues, threshold))
-        changed.append(twin)
-    return changed
+    return [m.with_outliers(replace(m.outliers, k=energy_rank(m.eigenvalues, threshold))) for m in measurements]
 
 
 def pca_energy(teacher: nn.Module, measurements, threshold: float, *, kinds, min_rank: int,

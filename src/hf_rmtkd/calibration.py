@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -62,6 +63,12 @@ class SiteMeasurement:
     def eigenvectors(self) -> torch.Tensor:
         """(d, d) float64, column i belongs to ``eigenvalues[i]``; computed on first use (only cut sites need it)."""
         return self.statistics.eigh(centre=self.centred)[1]
+
+    def with_outliers(self, outliers: OutlierCount) -> SiteMeasurement:
+        """This measurement with another outlier count; the statistics and eigenvectors (once computed) are shared."""
+        twin = copy.copy(self)
+        twin.outliers = outliers
+        return twin
 
     @property
     def d(self) -> int:
@@ -284,7 +291,7 @@ def recount(
     for m in measurements:
         n = m.statistics.count if effective_samples == "tokens" else m.n_sequences
         outliers = count_outliers(m.eigenvalues, max(n, 1), estimator=estimator, quantile=quantile, edge=edge)
-        recounted.append(replace(m, outliers=outliers))
+        recounted.append(m.with_outliers(outliers))
     return recounted
 
 

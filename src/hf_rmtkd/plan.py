@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -311,13 +310,6 @@ def _signal_rank(measurement: SiteMeasurement, fraction: float) -> int:
     return min(measurement.k, int((held < fraction).sum()) + 1)
 
 
-def _with_outliers(measurement: SiteMeasurement, outliers) -> SiteMeasurement:
-    """A shallow copy with another outlier count: statistics and eigenvectors, once computed, are shared."""
-    twin = copy.copy(measurement)
-    twin.outliers = outliers
-    return twin
-
-
 def keep_signal_fraction(measurements: list[SiteMeasurement], fraction: float) -> list[SiteMeasurement]:
     """The measurements with each site's k lowered to the fewest outliers holding ``fraction`` of its signal.
 
@@ -339,13 +331,13 @@ def keep_signal_fraction(measurements: list[SiteMeasurement], fraction: float) -
     for m in measurements:
         k = _signal_rank(m, fraction)
         if k == m.k:
-            kept.append(_with_outliers(m, replace(m.outliers, signal_fraction=fraction)))
+            kept.append(m.with_outliers(replace(m.outliers, signal_fraction=fraction)))
             continue
         total = float(m.eigenvalues.clamp(min=0).sum())
         retained = float(m.eigenvalues[:k].clamp(min=0).sum()) / total if total > 0 else 0.0
         note = f"{k} of the {m.k} outliers: those holding {fraction:.4f} of the signal variance"
         outliers = replace(m.outliers, k=k, retained_variance=retained, note=note, signal_fraction=fraction)
-        kept.append(_with_outliers(m, outliers))
+        kept.append(m.with_outliers(outliers))
     return kept
 
 
