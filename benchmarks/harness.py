@@ -52,8 +52,16 @@ class RowBook:
         return self.rows[name]
 
 
-def environment(seeds: list[int]) -> dict:
-    """Command, package versions, CPU, threads and seeds: what a reader needs to reproduce or discount a number."""
+def environment(seeds: list[int], script: str = "run.py") -> dict:
+    """Command, package versions, CPU, threads and seeds: what a reader needs to reproduce or discount a number.
+
+    Args:
+        seeds: the seeds the run used.
+        script: the file under ``benchmarks/`` that was run (the command records it with this process's arguments).
+
+    Returns:
+        The environment record of a result file.
+    """
     versions = {}
     for name in PACKAGES:
         try:
@@ -61,7 +69,7 @@ def environment(seeds: list[int]) -> dict:
         except PackageNotFoundError:
             versions[name] = getattr(sys.modules.get(name), "__version__", "unknown")
     return {
-        "command": "python " + " ".join(["benchmarks/run.py", *sys.argv[1:]]),
+        "command": "python " + " ".join([f"benchmarks/{script}", *sys.argv[1:]]),
         "python": platform.python_version(),
         "versions": versions,
         "cpu": cpu_name(),

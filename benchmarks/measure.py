@@ -157,6 +157,8 @@ def inference_peak_mb(checkpoint: str, batch: dict) -> dict[str, float]:
 
     Measured as the process's peak RSS (``VmHWM``, reset just before each load) minus its RSS at that moment (Linux
     only). ``cold`` includes the libraries' one-off first-call set-up; ``warm`` is what the model itself needs.
+    Both move by several MB between processes with the allocator's behaviour: `memory_probe.py` repeats this over
+    fresh processes and adds a count of live tensor bytes that does not move.
     """
     with tempfile.TemporaryDirectory() as scratch:
         batch_file = str(Path(scratch) / "batch.safetensors")

@@ -7,6 +7,7 @@ teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is No
      "rmtkd": {"accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio"},
      "baselines": {"<name>": {"accuracy", "params"}}}
 
+``results/speed_breakdown.json`` and ``results/memory_probe.json``, when present, add their findings to the section.
 Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything from the result files.
 """
 
@@ -103,8 +104,15 @@ def _mean_accuracy(row: dict) -> float:
     return statistics.fmean(row.get("seed_accuracies") or [row["accuracy"]])
 
 
-def targets(name: str, result: dict) -> list[tuple[str, bool, str]]:
-    """Each of the issue's targets for one benchmark: (target, met, the measured value)."""
+def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[str, bool, str]]:
+    """Each of the issue's targets for one benchmark: (target, met, the measured value).
+
+    Args:
+        name: the benchmark.
+        result: its result record.
+        probe: its entry in ``results/memory_probe.json``, if any: the memory lines then also state the probe's
+            ratios (the verdict stays the row's own measurement's).
+    """
     rows, goal = result["rows"], TARGETS[name]
     teacher, rmtkd = rows["teacher"], rows["rmtkd"]
     cut = 1 - rmtkd["params"] / teacher["params"]
@@ -160,8 +168,60 @@ def targets(name: str, result: dict) -> list[tuple[str, bool, str]]:
             measured = (f"warm memory x{memory_ratio:.3f} ({rmtkd[f'warm_inference_peak_mb_b{batch}']:.0f} vs "
                         f"{rmtkd[f'teacher_warm_inference_peak_mb_b{batch}']:.0f} MB; cold {cold})")
         checks.append((f"peak inference memory (batch {batch}) falls at least in proportion to params",
-                       memory_ratio <= param_ratio + 1e-3, f"{measured} vs params x{param_ratio:.3f}"))
+                       memory_ratio <= param_ratio + 1e-3,
+                       f"{measured} vs params x{param_ratio:.3f}" + _probe_ratios(probe, batch)))
     return checks
+
+
+def _probe_ratios(probe: dict | None, batch: int) -> str:
+    """The robust probe's ratios at ``batch``, as a clause for a memory target line ("" without a probe)."""
+    measured = (probe or {}).get("batches", {}).get(str(batch))
+    if measured is None:
+        return ""
+    rss, tensors = measured["rss_mb"], measured["tensor_mb"]
+    return (f"; robust probe (`memory_probe.py`): warm RSS median of {probe['processes']} processes "
+            f"x{measured['rss_warm_ratio']:.3f} ({_mb(rss['rmtkd']['warm_median'])} vs "
+            f"{_mb(rss['teacher']['warm_median'])} MB), live tensors x{measured['tensor_ratio']:.3f} "
+            f"({_mb(tensors['rmtkd']['peak'])} vs {_mb(tensors['teacher']['peak'])} MB)")
+
+
+def _mb(value: float) -> str:
+    """Megabytes with a decimal more below 10 MB, where one decimal would hide a small model's differences."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _probe_lines(probe: dict) -> list[str]:
+    """The "Peak inference memory (robust probe)" table of ``results/memory_probe.json``."""
+    # Entries kept from an earlier `--only` run may have used other settings: list every value used.
+    processes = "/".join(str(n) for n in sorted({entry["processes"] for entry in probe["benchmarks"].values()}))
+    threads = "/".join(str(n) for n in sorted({entry["threads"] for entry in probe["benchmarks"].values()}))
+    lines = [
+        "### Peak inference memory (robust probe)",
+        "",
+        f"`benchmarks/memory_probe.py` ({processes} processes, {threads} threads; "
+        "`benchmarks/results/memory_probe.json`): the teacher and the RMT-KD model rebuilt at the row's shapes, each "
+        "saved, loaded and run on one batch. *RSS warm*: growth of peak resident memory while a fresh process loads "
+        "the checkpoint again and runs the batch, median of the processes (range in brackets) — includes allocator "
+        "and library overhead, so it varies between processes. *Live tensors*: the most bytes held by torch tensors "
+        "(weights, activations, workspace) at any moment of load and forward, counted from the allocator's events — "
+        "the same in every run, like CUDA's `max_memory_allocated`.",
+        "",
+        "| benchmark | batch | params ratio | RSS warm, teacher (MB) | RSS warm, RMT-KD (MB) | RSS ratio "
+        "| live tensors, teacher (MB) | live tensors, RMT-KD (MB) | tensor ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def rss(values: dict) -> str:
+        return f"{_mb(values['warm_median'])} ({_mb(min(values['warm']))}–{_mb(max(values['warm']))})"
+
+    for name, entry in probe["benchmarks"].items():
+        for batch, measured in entry["batches"].items():
+            runs, tensors = measured["rss_mb"], measured["tensor_mb"]
+            lines.append(f"| {name} | {batch} | x{entry['param_ratio']:.3f} | {rss(runs['teacher'])} "
+                         f"| {rss(runs['rmtkd'])} | x{measured['rss_warm_ratio']:.3f} "
+                         f"| {_mb(tensors['teacher']['peak'])} | {_mb(tensors['rmtkd']['peak'])} "
+                         f"| x{measured['tensor_ratio']:.3f} |")
+    return [*lines, ""]
 
 
 def _plot(results: dict[str, dict], path: Path) -> None:
@@ -261,7 +321,7 @@ def _breakdown_lines(breakdown: dict) -> list[str]:
 
 
 def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
-             breakdown: dict | None = None) -> str:
+             breakdown: dict | None = None, probe: dict | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -297,11 +357,14 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
             "Targets of the issue (measured, RMT-KD row):",
             "",
         ]
-        lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}" for goal, met, value in targets(name,
-                                                                                                             result)]
+        probed = (probe or {}).get("benchmarks", {}).get(name)
+        lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}"
+                  for goal, met, value in targets(name, result, probed)]
         lines.append("")
         if name == "minilm_rt" and breakdown:
             lines += _breakdown_lines(breakdown)
+    if probe and probe.get("benchmarks"):
+        lines += _probe_lines(probe)
     for name, rows in (partial or {}).items():
         lines += _partial_section(name, rows)
     return "\n".join(lines).rstrip() + "\n"
@@ -341,7 +404,9 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     _plot(results, results_dir / "frontier.png")
     breakdown_file = results_dir / "speed_breakdown.json"
     breakdown = json.loads(breakdown_file.read_text()) if breakdown_file.exists() else None
-    section = _section(results, partial, breakdown)
+    probe_file = results_dir / "memory_probe.json"
+    probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
+    section = _section(results, partial, breakdown, probe)
     if readme is None:
         print(section)
     else:

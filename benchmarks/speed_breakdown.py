@@ -8,7 +8,8 @@ unchanged hidden width (384) and cost about the same in both models. This script
 2. times both models eager and compiled with ``torch.compile``, alternating in one process as every timing here.
 
 Speed depends on shapes only, so the RMT-KD model is rebuilt from the ranks in ``results/minilm_rt.json`` (the rmtkd
-row's round log) with freshly initialised weights; the teacher is the full-mode one `text.py` caches.
+row's round log) with freshly initialised weights (`shapes.rmtkd_shaped_model`); the teacher is the full-mode one
+`text.py` caches.
 
 Usage (after `python benchmarks/run.py --only minilm_rt`):
     python benchmarks/speed_breakdown.py [--runs 50] [--threads 2] [--results results/minilm_rt.json]
@@ -18,7 +19,6 @@ Writes ``results/speed_breakdown.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 from collections import defaultdict
@@ -28,14 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from harness import environment
+from shapes import rmtkd_shaped_model
 from text import FULL, teacher_cache
 from transformers import AutoModelForSequenceClassification
 
-from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.bench import compare_speed, count_flops, example_inputs
-from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
-from hf_rmtkd.modeling.layers_rmtkd import WIDTH_KINDS
-from hf_rmtkd.plan import Plan, PlannedCut
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,26 +57,6 @@ def operator_kind(name: str) -> str:
         if name in names:
             return kind
     return next((kind for kind, parts in FRAGMENTS.items() if any(part in name for part in parts)), "other")
-
-
-def rmtkd_shaped_model(teacher, log: list[dict]):
-    """The teacher with every round's cuts installed at the logged ranks (weights: fresh initialisation)."""
-    sites = {site.name: site for site in find_sites(teacher)}
-    base = copy.deepcopy(teacher)
-    reductions = {}
-    for entry in log:
-        cuts = []
-        for name, cut in entry["sites"].items():
-            site, kind = sites[name], cut["kind"]
-            modules = [name] if kind == "embedding" else list(site.consumers)
-            producers = list(site.producers) if kind in WIDTH_KINDS else []
-            shared = kind == "low_rank" and len(modules) > 1
-            cuts.append(PlannedCut(name, site.role, kind, cut["d"], cut["k_spectrum"], cut["k"], 0, 0, modules,
-                                   producers, shared, cut.get("heads", [])))
-        round_map = Plan(cuts, {}).reduction_map()
-        apply_reduction_map(base, round_map)
-        reductions.update(round_map)
-    return rmtkd_class_for(base).from_base(base, reductions).eval()
 
 
 def time_by_kind(model, batch, runs: int) -> dict[str, float]:
@@ -119,7 +96,7 @@ def main() -> None:
     compiled_teacher, compiled_student = torch.compile(teacher), torch.compile(student)
     compiled = compare_speed(compiled_teacher, compiled_student, batch, runs=options.runs, warmup=5)
     report = {
-        "environment": environment([]),
+        "environment": environment([], script="speed_breakdown.py"),
         "input": "random token ids, batch 32 x seq 64, no padding; teacher and RMT-KD model alternating",
         "params": {"teacher": teacher.num_parameters(), "rmtkd": student.num_parameters()},
         "flop_ratio": flop_ratio,

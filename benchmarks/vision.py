@@ -44,7 +44,7 @@ from hf_rmtkd.data import load_mnist5k
 from hf_rmtkd.metrics import compute_accuracy
 from hf_rmtkd.plan import DEFAULT_KINDS
 
-__all__ = ["FULL", "QUICK", "VisionBudget", "run_resnet_mnist"]
+__all__ = ["FULL", "QUICK", "VisionBudget", "image_inputs", "run_resnet_mnist"]
 
 HERE = Path(__file__).resolve().parent
 CACHED_TEACHER = HERE / ".cache" / "resnet_mnist_teacher"
@@ -114,7 +114,8 @@ def load_teacher(data: dict) -> tuple[ResNetForImageClassification, str]:
     return trainer.model, "trained now (12 epochs on 3,500 images, best validation epoch), cached in benchmarks/.cache"
 
 
-def _inputs(batch_size: int, seq_len: int | None) -> dict:
+def image_inputs(batch_size: int, seq_len: int | None = None) -> dict:
+    """The benchmark's timing and memory input: ``batch_size`` random 1x28x28 images (seed 0; ``seq_len`` unused)."""
     return {"pixel_values": torch.randn(batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(0))}
 
 
@@ -143,7 +144,7 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     calibration_inputs = calibration.remove_columns("labels")
 
-    rows = Rows(book, teacher, test=data["test"], collator=None, inputs=_inputs, seq_len=None,
+    rows = Rows(book, teacher, test=data["test"], collator=None, inputs=image_inputs, seq_len=None,
                 runs_b32=budget.runs_b32, runs_b1=budget.runs_b1)
 
     def rmtkd(seed, quantile=0.5, target=TARGET_PARAMS):

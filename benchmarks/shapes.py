@@ -1,0 +1,51 @@
+"""The RMT-KD model of a benchmark result, rebuilt from the shapes its round log records (weights: fresh).
+
+Speed and memory depend on shapes only, so the scripts that study them (`speed_breakdown.py`, `memory_probe.py`)
+rebuild the compressed model from the ``rmtkd`` row's ``log`` in ``results/<benchmark>.json`` instead of keeping the
+trained checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from hf_rmtkd.architectures import find_sites
+from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
+from hf_rmtkd.modeling.layers_rmtkd import WIDTH_KINDS
+from hf_rmtkd.plan import Plan, PlannedCut
+
+__all__ = ["rmtkd_shaped_model"]
+
+
+def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
+    """The teacher with every accepted round's cuts installed at the logged ranks (weights: fresh initialisation).
+
+    Args:
+        teacher: the uncompressed model the run started from (left unchanged).
+        log: the run's round log (`RMTKDTrainer.rmtkd_log`, the ``log`` of a result's ``rmtkd`` row): per round,
+            ``sites`` maps a site name to its cut (``kind``, ``d``, ``k``, ``k_spectrum``, optionally ``heads``).
+            Rounds logged with ``accepted: False`` were rolled back by the trainer and are skipped.
+
+    Returns:
+        The RMTKD model, in eval mode, with the shapes the run ended with.
+    """
+    sites = {site.name: site for site in find_sites(teacher)}
+    base = copy.deepcopy(teacher)
+    reductions = {}
+    for entry in log:
+        if not entry.get("accepted", True):  # the trainer restored the sites of a rolled-back round
+            continue
+        cuts = []
+        for name, cut in entry["sites"].items():
+            site, kind = sites[name], cut["kind"]
+            modules = [name] if kind == "embedding" else list(site.consumers)
+            producers = list(site.producers) if kind in WIDTH_KINDS else []
+            shared = kind == "low_rank" and len(modules) > 1
+            cuts.append(PlannedCut(name, site.role, kind, cut["d"], cut["k_spectrum"], cut["k"], 0, 0, modules,
+                                   producers, shared, cut.get("heads", [])))
+        round_map = Plan(cuts, {}).reduction_map()
+        apply_reduction_map(base, round_map)
+        reductions.update(round_map)
+    return rmtkd_class_for(base).from_base(base, reductions).eval()
