@@ -4,8 +4,8 @@ Each setting runs the ``minilm_rt`` RMT-KD row (full-mode teacher, same cut, 300
 final phase, and records the validation accuracy after the cut, after the round and after the final phase. The test
 split is never touched.
 
-Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--final-steps 0] [--threads 1]
-[--kinds ffn_width low_rank embedding attention_heads]``; each run appends one line to
+Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--mask-prob 0] [--final-steps 0]
+[--threads 1] [--kinds ffn_width low_rank embedding attention_heads]``; each run appends one line to
 ``benchmarks/results/distillation_sweep.jsonl``.
 """
 
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.7)
     parser.add_argument("--hidden-weight", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--mask-prob", type=float, default=0.0, help="distillation_mask_prob (masked-copy KD)")
     parser.add_argument("--steps", type=int, default=FULL.steps_per_round)
     parser.add_argument("--final-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -52,14 +53,15 @@ def main() -> None:
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     args = _rmtkd_args(budget, options.seed, loss={"distillation_alpha": options.alpha,
                                                    "distillation_hidden_weight": options.hidden_weight,
-                                                   "distillation_temperature": options.temperature},
+                                                   "distillation_temperature": options.temperature,
+                                                   "distillation_mask_prob": options.mask_prob},
                         kinds=options.kinds)
     start = time.perf_counter()
     _, info = run_rmtkd(teacher, args, train=data["train"], validation=data["validation"], calibration=calibration,
                         collator=DataCollatorWithPadding(tokenizer))
     entry = info["log"][0]
     record = {"alpha": options.alpha, "hidden_weight": options.hidden_weight, "temperature": options.temperature,
-              "steps": options.steps, "seed": options.seed, "threads": options.threads,
+              "mask_prob": options.mask_prob, "steps": options.steps, "seed": options.seed, "threads": options.threads,
               "kinds": args.reduction_kinds, "attention_heads_kept": _heads_kept(entry),
               "params": entry["params_after_cut"], "eval_accuracy_after_cut": entry["eval_accuracy_after_cut"],
               "eval_accuracy": entry["eval_accuracy"], "accepted": entry["accepted"],

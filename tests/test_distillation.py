@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_rmtkd.distillation import distillation_loss, teacher_copy
+from hf_rmtkd.distillation import distillation_loss, mask_tokens, teacher_copy
 
 
 @pytest.fixture
@@ -205,3 +205,20 @@ def test_hidden_state_loss_is_relative_per_layer_and_masks_padding():
     assert float(hidden_state_loss(padded, (torch.ones(2, 3, 4),), mask)) == 0.0  # the differing token is padding
     with pytest.raises(ValueError, match="hidden state 0"):
         hidden_state_loss((torch.ones(2, 3, 4),), (torch.ones(2, 3, 5),))
+
+
+@pytest.mark.parametrize("probability", [0.0, 0.3, 1.0])
+def test_mask_tokens_masks_only_real_non_special_tokens(probability):
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0, 0], [2, 20, 21, 3, 0, 0, 0, 0]])
+    attention = (ids != 0).long()
+    masked = mask_tokens(ids, attention, mask_id=4, special_ids=[0, 2, 3, 4], probability=probability,
+                         generator=torch.Generator().manual_seed(0))
+    eligible = attention.bool() & ~torch.isin(ids, torch.tensor([0, 2, 3, 4]))
+    assert torch.equal(masked[~eligible], ids[~eligible])  # padding and special tokens stay
+    changed = masked != ids
+    assert torch.all(masked[changed] == 4)
+    if probability == 0.0:
+        assert not changed.any()
+    if probability == 1.0:
+        assert torch.equal(changed, eligible)
+    assert ids[0, 1] == 10  # the input is not modified in place

@@ -301,3 +301,41 @@ def test_feature_distillation_adds_the_hidden_state_term(tmp_path):
     trainer.teacher = None
     trainer.train()  # a whole round with the feature term runs
     assert trainer.rmtkd_log[0]["accepted"]
+
+
+def tiny_tokenizer(tmp_path):
+    """A real BERT tokenizer over the tiny model's 128 ids: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4."""
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, 128)]))
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+def test_masked_copy_adds_a_teacher_term_on_masked_inputs(tmp_path):
+    model = tiny_model("bert", initializer_range=0.1)
+    train = text_task(64, 0)
+    args = RMTKDTrainingArguments(**common_args(tmp_path / "masked"), max_metric_drop=1.0, distillation_mask_prob=0.5)
+    trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=train,
+                           processing_class=tiny_tokenizer(tmp_path))
+    trainer.teacher = hf_rmtkd.distillation.teacher_copy(model)
+    batch = {k: torch.tensor(v) for k, v in train[:8].items()}
+    with torch.no_grad():
+        trainer.teacher.bert.embeddings.word_embeddings.weight.mul_(2)  # a teacher whose outputs differ
+        torch.manual_seed(0)
+        with_copy = trainer.compute_loss(model.train(), dict(batch))
+        args.distillation_mask_prob = 0.0
+        torch.manual_seed(0)  # the same dropout in the clean pass of both
+        without = trainer.compute_loss(model, dict(batch))
+    assert with_copy > without
+    assert torch.equal(batch["input_ids"], torch.tensor(train[:8]["input_ids"]))  # the batch itself is not masked
+
+
+def test_masked_copy_without_a_tokenizer_is_refused(tmp_path):
+    model = tiny_model("bert")
+    train = text_task(16, 0)
+    args = RMTKDTrainingArguments(**common_args(tmp_path / "no-tokenizer"), distillation_mask_prob=0.2)
+    trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=train)
+    trainer.teacher = hf_rmtkd.distillation.teacher_copy(model)
+    with pytest.raises(ValueError, match="processing_class"):
+        trainer.compute_loss(model.train(), {k: torch.tensor(v) for k, v in train[:4].items()})

@@ -45,6 +45,8 @@ INVALID = [
     ("distillation_alpha", 1.1),
     ("distillation_temperature", 0.0),
     ("distillation_hidden_weight", -1.0),
+    ("distillation_mask_prob", 1.0),
+    ("distillation_mask_prob", -0.1),
     ("target_params", 0.0),
     ("target_params", -5),
     ("target_params", 2.5),

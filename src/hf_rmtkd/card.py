@@ -68,6 +68,7 @@ SETTING_LABELS = {
     "alpha": "α (weight of the cross-entropy term)",
     "distillation_temperature": "T (distillation temperature)",
     "temperature": "T (distillation temperature)",
+    "distillation_mask_prob": "masked-copy distillation (share of tokens masked)",
     "max_metric_drop": "largest metric drop accepted per round",
     "target_params": "parameter target",
     "min_keep_ratio": "smallest k/d cut",

@@ -15,6 +15,8 @@ batch. This is how transformers normalises its own token-level losses.
 
 An optional feature term (not in the paper, off by default) adds ``β · hidden_state_loss``: RMT-KD never narrows the
 residual stream, so every hidden state of the student has the teacher's shape and can be matched one to one.
+Another (also off by default) adds the teacher term on a copy of each text batch with some tokens masked
+(`mask_tokens`): inputs the data does not hold, labelled by the teacher, in the spirit of TinyBERT's augmentation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["distillation_loss", "hidden_state_loss", "teacher_copy"]
+__all__ = ["distillation_loss", "hidden_state_loss", "mask_tokens", "teacher_copy"]
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -189,6 +191,43 @@ def hidden_state_loss(
             s, t = s[keep], t[keep]
         losses.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12))
     return torch.stack(losses).mean()
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    mask_id: int,
+    special_ids: list[int],
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A copy of ``input_ids`` with each real, non-special token replaced by ``mask_id`` with ``probability``.
+
+    The inputs of the optional masked-copy distillation term: the teacher labels sentences the data does not hold.
+    Padding (``attention_mask`` 0) and special tokens ([CLS], [SEP], ...) are never masked.
+
+    Args:
+        input_ids: (batch, tokens) token ids.
+        attention_mask: (batch, tokens), 1 on real tokens; None: every token is real.
+        mask_id: the tokenizer's mask token id.
+        special_ids: ids that stay (``tokenizer.all_special_ids``).
+        probability: chance of masking each eligible token, in [0, 1].
+        generator: optional random generator, for reproducible masks.
+
+    Returns:
+        A new (batch, tokens) tensor; ``input_ids`` is left unchanged.
+
+    Example:
+        >>> ids = torch.tensor([[101, 7, 8, 102, 0]])
+        >>> mask_tokens(ids, torch.tensor([[1, 1, 1, 1, 0]]), mask_id=103, special_ids=[0, 101, 102], probability=1.0)
+        tensor([[101, 103, 103, 102,   0]])
+    """
+    eligible = ~torch.isin(input_ids, torch.as_tensor(special_ids, device=input_ids.device))
+    if attention_mask is not None:
+        eligible &= attention_mask.bool()
+    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    return input_ids.masked_fill(eligible & (draw < probability), mask_id)
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:

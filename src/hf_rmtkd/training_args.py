@@ -232,6 +232,16 @@ class RMTKDTrainingArguments(TrainingArguments):
         default=1.0,
         metadata={"help": "Softmax temperature T of both distributions in the KL term; > 0."},
     )
+    distillation_mask_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Text models: while distilling, also run both models on a copy of each batch in which this "
+            "fraction of the real, non-special tokens is replaced by the tokenizer's mask token, and add the "
+            "teacher term on it, (1 - alpha) T^2 KL, as extra unlabelled inputs (the copy's labels are not used). "
+            "Costs a second forward and backward pass per step. Needs input_ids and a tokenizer with a mask token "
+            "(processing_class, or the data collator's). In [0, 1); 0 turns it off."
+        },
+    )
 
     # ---- stopping: when cutting ends ---------------------------------------------------------------------------
     target_params: float | None = field(
@@ -391,6 +401,7 @@ class RMTKDTrainingArguments(TrainingArguments):
         # distillation
         number_in("distillation_alpha", 0, 1, low_open=False, high_open=False)
         positive("distillation_temperature")
+        number_in("distillation_mask_prob", 0, 1, low_open=False, high_open=True)
         self._require("distillation_hidden_weight",
                       _is_number(self.distillation_hidden_weight) and self.distillation_hidden_weight >= 0, "be >= 0")
         # stopping
