@@ -31,7 +31,7 @@ from transformers import Trainer, TrainingArguments
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.cut import apply_plan
-from hf_rmtkd.distillation import distillation_loss, hidden_state_loss
+from hf_rmtkd.distillation import distillation_loss, hidden_state_loss, mask_tokenizer, masked_copy_loss
 from hf_rmtkd.modeling import rmtkd_class_for
 from hf_rmtkd.plan import keep_signal_fraction, plan_reductions
 from hf_rmtkd.reductions import apply_embedding, apply_low_rank, embedding_parameters, low_rank_parameters
@@ -314,7 +314,7 @@ def _library_default(name: str):
 
 class KDTrainer(Trainer):
     """A `Trainer` whose loss is RMT-KD's against a frozen teacher, with the library's default weights:
-    ``α·CE + (1−α)·T²·KL(teacher ‖ student) + β·hidden_state_loss``.
+    ``α·CE + (1−α)·T²·KL(teacher ‖ student) + β·hidden_state_loss`` (+ the masked-copy term when ``mask_prob`` > 0).
 
     A student shallower than its teacher (layer dropping) matches its hidden states to evenly spaced ones of the
     teacher's (DistilBERT's pairing: student layer i against teacher layer 2i when every other layer is kept).
@@ -322,10 +322,12 @@ class KDTrainer(Trainer):
 
     def __init__(self, *args, teacher: nn.Module, alpha: float = _library_default("distillation_alpha"),
                  temperature: float = _library_default("distillation_temperature"),
-                 hidden_weight: float = _library_default("distillation_hidden_weight"), **kwargs):
+                 hidden_weight: float = _library_default("distillation_hidden_weight"),
+                 mask_prob: float = _library_default("distillation_mask_prob"), **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()  # used under no_grad only; its requires_grad flags stay as they are
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
+        self.mask_prob = mask_prob
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
@@ -338,6 +340,11 @@ class KDTrainer(Trainer):
         # Per-batch mean (no gradient accumulation here), as RMTKDTrainer's loss is with one accumulation step.
         loss, _, _ = distillation_loss(outputs.logits, teacher_outputs.logits, labels, alpha=self.alpha,
                                        temperature=self.temperature)
+        if self.mask_prob > 0:
+            tokenizer = mask_tokenizer(self.processing_class, self.data_collator)
+            loss = loss + (1.0 - self.alpha) * masked_copy_loss(model, self.teacher, features, tokenizer,
+                                                                probability=self.mask_prob,
+                                                                temperature=self.temperature)
         if self.hidden_weight > 0:
             student_hidden, teacher_hidden = outputs.hidden_states, teacher_outputs.hidden_states
             depth, teacher_depth = len(student_hidden) - 1, len(teacher_hidden) - 1
@@ -349,7 +356,7 @@ class KDTrainer(Trainer):
 
 # `RMTKDTrainingArguments` field -> `KDTrainer` argument: a loss given by the library's names reaches both alike.
 KD_LOSS_FIELDS = {"distillation_alpha": "alpha", "distillation_temperature": "temperature",
-                  "distillation_hidden_weight": "hidden_weight"}
+                  "distillation_hidden_weight": "hidden_weight", "distillation_mask_prob": "mask_prob"}
 
 
 def distil(student: nn.Module, teacher: nn.Module, train_dataset, *, steps: int, args: TrainingArguments,

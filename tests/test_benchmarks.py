@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import tiny_inputs, tiny_model
-from transformers import TrainingArguments
+from tiny_models import tiny_inputs, tiny_model, tiny_tokenizer
+from transformers import DataCollatorWithPadding, TrainingArguments
 
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.bench import parameter_count
@@ -104,7 +104,8 @@ def test_conv_svd_and_no_distillation_rounds_run():
     _runs(cut, "resnet")
 
 
-def test_distil_trains_the_student_only(bert, tmp_path):
+@pytest.mark.parametrize("loss", [None, {"distillation_mask_prob": 0.5}])
+def test_distil_trains_the_student_only(bert, tmp_path, loss):
     teacher = copy.deepcopy(bert)
     student = baselines.svd_uniform(bert, 6)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
@@ -112,7 +113,8 @@ def test_distil_trains_the_student_only(bert, tmp_path):
     train = Dataset.from_dict({**rows, "labels": [0, 1, 2, 0, 1, 2, 0, 1]})
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3,
                              report_to=[], disable_tqdm=True, use_cpu=True)
-    baselines.distil(student, teacher, train, steps=2, args=args)
+    collator = DataCollatorWithPadding(tiny_tokenizer(tmp_path))  # the masked copy takes its [MASK] from here
+    baselines.distil(student, teacher, train, steps=2, args=args, data_collator=collator, loss=loss)
     assert any(not torch.equal(before[name], p) for name, p in student.named_parameters())
     for (_, p), (_, q) in zip(teacher.named_parameters(), bert.named_parameters(), strict=True):
         assert torch.equal(p, q)

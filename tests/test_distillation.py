@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_inputs, tiny_model, tiny_tokenizer
 from torch import nn
+from transformers import DataCollatorWithPadding
 
-from hf_rmtkd.distillation import distillation_loss, mask_tokens, teacher_copy
+from hf_rmtkd.distillation import distillation_loss, mask_tokenizer, mask_tokens, masked_copy_loss, teacher_copy
 
 
 @pytest.fixture
@@ -222,3 +224,25 @@ def test_mask_tokens_masks_only_real_non_special_tokens(probability):
     if probability == 1.0:
         assert torch.equal(changed, eligible)
     assert ids[0, 1] == 10  # the input is not modified in place
+
+
+def test_masked_copy_loss_is_the_teacher_term_on_a_masked_batch(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    student = tiny_model("bert").eval()
+    batch = tiny_inputs("bert", batch=6, seq_len=10)
+    assert masked_copy_loss(student, student, batch, tokenizer, probability=0.5) == 0  # a teacher like the student
+    teacher = teacher_copy(student)
+    with torch.no_grad():
+        teacher.bert.embeddings.word_embeddings.weight[tokenizer.mask_token_id].mul_(-3)  # only [MASK] differs
+    assert masked_copy_loss(student, teacher, batch, tokenizer, probability=0.0) == 0  # nothing masked
+    assert masked_copy_loss(student, teacher, batch, tokenizer, probability=0.5) > 0
+    with pytest.raises(ValueError, match="input_ids"):
+        masked_copy_loss(student, teacher, {"attention_mask": batch["attention_mask"]}, tokenizer, probability=0.5)
+
+
+def test_mask_tokenizer_finds_the_tokenizer_or_says_what_to_pass(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    collator = DataCollatorWithPadding(tokenizer)
+    assert mask_tokenizer(None, collator) is tokenizer
+    with pytest.raises(ValueError, match="processing_class"):
+        mask_tokenizer(None, object())

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -301,15 +301,6 @@ def test_feature_distillation_adds_the_hidden_state_term(tmp_path):
     trainer.teacher = None
     trainer.train()  # a whole round with the feature term runs
     assert trainer.rmtkd_log[0]["accepted"]
-
-
-def tiny_tokenizer(tmp_path):
-    """A real BERT tokenizer over the tiny model's 128 ids: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4."""
-    from transformers import BertTokenizerFast
-
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, 128)]))
-    return BertTokenizerFast(vocab_file=str(vocab))
 
 
 def test_masked_copy_adds_a_teacher_term_on_masked_inputs(tmp_path):

@@ -5,6 +5,8 @@ the model accepts; ``site_statistics(model, path, inputs, kind)`` measures the c
 the way calibration does (float64, every token / pixel a sample), for tests that need a site's statistics.
 """
 
+from pathlib import Path
+
 import torch
 import transformers
 from transformers import (
@@ -91,6 +93,15 @@ def tiny_inputs(arch: str, batch: int = 4, seq_len: int = 8, seed: int = 1) -> d
         input_ids = torch.randint(3, VOCAB_SIZE, (batch, seq_len), generator=generator)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     return {"pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+
+
+def tiny_tokenizer(directory) -> transformers.BertTokenizerFast:
+    """A real BERT tokenizer over the tiny text models' ids, its vocabulary written to ``directory``:
+    [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4, then words."""
+    vocab = Path(directory) / "vocab.txt"
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab.write_text("\n".join(special + [f"w{i}" for i in range(len(special), VOCAB_SIZE)]))
+    return transformers.BertTokenizerFast(vocab_file=str(vocab))
 
 
 @torch.no_grad()

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["distillation_loss", "hidden_state_loss", "mask_tokens", "teacher_copy"]
+__all__ = [
+    "distillation_loss", "hidden_state_loss", "mask_tokenizer", "mask_tokens", "masked_copy_loss", "teacher_copy",
+]
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -228,6 +230,62 @@ def mask_tokens(
         eligible &= attention_mask.bool()
     draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     return input_ids.masked_fill(eligible & (draw < probability), mask_id)
+
+
+def mask_tokenizer(*owners):
+    """The first tokenizer with a mask token among ``owners`` (a tokenizer, a processor, a data collator holding one).
+
+    Raises:
+        ValueError: none has a mask token; the masked-copy term cannot run.
+    """
+    for owner in owners:
+        tokenizer = getattr(owner, "tokenizer", owner)  # a processor or a data collator holds its tokenizer
+        if getattr(tokenizer, "mask_token_id", None) is not None:
+            return tokenizer
+    raise ValueError("distillation_mask_prob > 0 needs a tokenizer with a mask token: pass processing_class=tokenizer "
+                     "to the trainer (or a data collator that holds one).")
+
+
+def masked_copy_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    features: dict,
+    tokenizer,
+    *,
+    probability: float,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: bool = False,
+) -> torch.Tensor:
+    """``T²·KL(p_teacher^T ‖ p_student^T)`` on a copy of a text batch with some tokens masked (`mask_tokens`).
+
+    The teacher labels inputs the data does not hold, as TinyBERT's augmentation does with word substitutions; the
+    copy's labels are not used. Costs a second forward pass of both models and a second backward pass.
+
+    Args:
+        student, teacher: the models (the teacher runs under ``no_grad``).
+        features: the batch's model inputs, without labels; needs ``input_ids``.
+        tokenizer: supplies ``mask_token_id`` and ``all_special_ids`` (see `mask_tokenizer`).
+        probability: chance of masking each real, non-special token.
+        temperature, num_items_in_batch, shift_labels: as in `distillation_loss`.
+
+    Returns:
+        The scalar term, normalised like `distillation_loss`'s teacher term.
+    """
+    if "input_ids" not in features:
+        raise ValueError("distillation_mask_prob > 0 needs text batches with input_ids; this batch has "
+                         f"{sorted(features)}. Set distillation_mask_prob=0.")
+    masked = mask_tokens(features["input_ids"], features.get("attention_mask"), mask_id=tokenizer.mask_token_id,
+                         special_ids=tokenizer.all_special_ids, probability=probability)
+    copy = {**features, "input_ids": masked, "output_hidden_states": False}
+    student_logits = student(**copy).logits
+    with torch.no_grad():
+        teacher_logits = teacher(**copy).logits
+    token_level = student_logits.dim() == 3  # then padding must not count
+    term, _, _ = distillation_loss(student_logits, teacher_logits, None, temperature=temperature,
+                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
+                                   attention_mask=features.get("attention_mask") if token_level else None)
+    return term
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ from .architectures import find_sites
 from .calibration import collect_statistics, measure_sites, recount
 from .checkpoint import save_rmtkd_checkpoint
 from .cut import apply_plan
-from .distillation import distillation_loss, hidden_state_loss, mask_tokens, teacher_copy
+from .distillation import distillation_loss, hidden_state_loss, mask_tokenizer, masked_copy_loss, teacher_copy
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
@@ -136,8 +136,11 @@ class RMTKDTrainer(Trainer):
             shift_labels=self._is_causal_lm,
         )
         if distilling and self.args.distillation_mask_prob > 0:
-            loss = loss + (1.0 - self.args.distillation_alpha) * self._masked_copy_term(model, features,
-                                                                                       num_items_in_batch)
+            tokenizer = mask_tokenizer(self.processing_class, self.data_collator)
+            loss = loss + (1.0 - self.args.distillation_alpha) * masked_copy_loss(
+                model, self.teacher, features, tokenizer, probability=self.args.distillation_mask_prob,
+                temperature=self.args.distillation_temperature, num_items_in_batch=num_items_in_batch,
+                shift_labels=self._is_causal_lm)
         if model.training and not torch.isfinite(loss.detach()).all():
             # The cut model diverged: stop this round's training now; the round is rolled back (see `train`).
             self._nonfinite_loss = True
@@ -156,36 +159,6 @@ class RMTKDTrainer(Trainer):
                                              features.get("attention_mask"))
             loss = loss + self.args.distillation_hidden_weight * feature_loss / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
-
-    def _masked_copy_term(self, model, features: dict, num_items_in_batch) -> torch.Tensor:
-        """``T²·KL(teacher ‖ student)`` on a copy of the batch with ``distillation_mask_prob`` of its real, non-special
-        tokens replaced by the mask token: the teacher labels inputs the data does not hold (TinyBERT's augmentation,
-        with masking for the word substitution), at the cost of a second pass."""
-        if "input_ids" not in features:
-            raise ValueError("distillation_mask_prob > 0 needs text batches with input_ids; this batch has "
-                             f"{sorted(features)}. Set distillation_mask_prob=0.")
-        mask_id, special_ids = self._mask_token()
-        masked = mask_tokens(features["input_ids"], features.get("attention_mask"), mask_id=mask_id,
-                             special_ids=special_ids, probability=self.args.distillation_mask_prob)
-        copy = {**features, "input_ids": masked, "output_hidden_states": False}
-        student_logits = model(**copy).logits
-        with torch.no_grad():
-            teacher_logits = self.teacher(**copy).logits
-        token_level = student_logits.dim() == 3
-        term, _, _ = distillation_loss(student_logits, teacher_logits, None,
-                                       temperature=self.args.distillation_temperature,
-                                       num_items_in_batch=num_items_in_batch, shift_labels=self._is_causal_lm,
-                                       attention_mask=features.get("attention_mask") if token_level else None)
-        return term
-
-    def _mask_token(self) -> tuple[int, list[int]]:
-        """The tokenizer's mask token id and its special token ids, from ``processing_class`` or the collator."""
-        for owner in (self.processing_class, getattr(self.data_collator, "tokenizer", None)):
-            tokenizer = getattr(owner, "tokenizer", owner)  # a processor holds its tokenizer
-            if getattr(tokenizer, "mask_token_id", None) is not None:
-                return tokenizer.mask_token_id, tokenizer.all_special_ids
-        raise ValueError("distillation_mask_prob > 0 needs a tokenizer with a mask token: pass "
-                         "processing_class=tokenizer to RMTKDTrainer (or a data collator that holds one).")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean CE and KL parts of the distillation loss to every training log."""
