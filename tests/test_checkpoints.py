@@ -31,8 +31,8 @@ from hf_rmtkd.reductions import REDUCTIONS, apply_low_rank, low_rank_parameters
 register_auto_classes()
 
 # case id -> (arch, head, config overrides, sites). A site is (kind, module path, rank), ("ffn_width", index into
-# ffn_sites(arch, head), width) or ("attention_heads", layer, kept heads). Sites are cut in order, each from
-# statistics of the model as cut so far.
+# ffn_sites(arch, head), width) or ("attention_heads", layer, kept heads); an embedding site may end with the token
+# ids it stores codes for. Sites are cut in order, each from statistics of the model as cut so far.
 CASES = {
     "bert-seqcls": (
         "bert",
@@ -58,6 +58,13 @@ CASES = {
             ("low_rank", "bert.encoder.layer.0.attention.self.key", 8, "bert.encoder.layer.0.attention.self.query"),
             ("ffn_width", 1, 40),
         ],
+    ),
+    # Codes stored for every other token only: the rest read their nearest kept token's code.
+    "bert-vocab": (
+        "bert",
+        "sequence_classification",
+        {},
+        [("embedding", "bert.embeddings.word_embeddings", 12, range(0, 128, 2)), ("ffn_width", 0, 24)],
     ),
     "bert-base": (
         "bert",
@@ -184,10 +191,14 @@ def reduce_model(arch, head, overrides, sites, seed=0):
                      "producers": [f"{block}.self.{name}" for name in ("query", "key", "value")]}
         else:
             path, entry = where, {"kind": kind, "rank": size}
-        if holder:  # a low_rank layer reading the same input as `holder`, sharing its projection
+        options = {}
+        if kind == "embedding" and holder:  # the token ids whose codes are stored
+            options["tokens"] = list(holder[0])
+            entry["rows"] = len(options["tokens"])
+        elif holder:  # a low_rank layer reading the same input as `holder`, sharing its projection
             entry["shares_projection_with"] = holder[0]
         expected -= REDUCTIONS[kind].parameter_savings(model, path, entry)
-        REDUCTIONS[kind].apply(model, path, entry, **site_statistics(model, path, inputs, kind))
+        REDUCTIONS[kind].apply(model, path, entry, **site_statistics(model, path, inputs, kind), **options)
         reductions[path] = entry
     return model, inputs, reductions, expected
 

@@ -37,6 +37,8 @@ def apply_plan(model: nn.Module, plan: Plan, measurements: list[SiteMeasurement]
             "eigenvectors": m.eigenvectors,
         }
         options = {"method": ffn_method} if cut.kind == "ffn_width" else {}
+        if cut.tokens:
+            options["tokens"] = cut.tokens
         for path in cut.modules:
             REDUCTIONS[cut.kind].apply(model, path, entries[path], **stats, **options)
     return entries

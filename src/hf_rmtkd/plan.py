@@ -73,6 +73,7 @@ class PlannedCut:
     producers: list[str] = field(default_factory=list)
     shared_projection: bool = False  # low_rank of several Linears reading one input: one P, held by modules[0]
     heads: list[int] = field(default_factory=list)  # attention_heads: the heads kept (rank = len(heads) · head_dim)
+    tokens: list[int] = field(default_factory=list)  # embedding: the token ids whose codes are stored ([]: all)
 
     @property
     def saved(self) -> int:
@@ -99,6 +100,8 @@ class Plan:
             else:
                 for path in cut.modules:
                     entries[path] = {"kind": cut.kind, "rank": cut.rank}
+                    if cut.tokens:
+                        entries[path]["rows"] = len(cut.tokens)
                     if cut.shared_projection and path != cut.modules[0]:
                         entries[path]["shares_projection_with"] = cut.modules[0]
         return entries
@@ -145,6 +148,17 @@ def _embedding_tied(model: nn.Module, path: str, modules: dict) -> bool:
     return output is not None and getattr(output, "weight", None) is modules[path].weight
 
 
+def _stored_tokens(path: str, vocabulary: list[int] | None, vocab_size: int) -> list[int]:
+    """The token ids an embedding cut of ``path`` stores codes for: ``vocabulary`` checked; [] for every token."""
+    if vocabulary is None:
+        return []
+    tokens = sorted(set(vocabulary))
+    if not tokens or tokens[0] < 0 or tokens[-1] >= vocab_size:
+        raise ValueError(f"embedding '{path}': the vocabulary to keep must be token ids in [0, {vocab_size}), got "
+                         f"{len(tokens)} ids from {tokens[:1]} to {tokens[-1:]}.")
+    return tokens if len(tokens) < vocab_size else []
+
+
 def _heads_to_keep(measurement: SiteMeasurement, modules: dict, head_dim: int | None) -> list[int]:
     """For an attention output whose q/k/v are still plain Linears: the fewest heads holding the site's signal
     fraction of what its kept outliers carry, when that is fewer than all of them; else ``[]`` (no head is dropped)."""
@@ -168,6 +182,7 @@ def plan_reductions(
     max_sites: int | None = None,
     max_savings: int | None = None,
     exclude: set[str] | frozenset[str] = frozenset(),
+    vocabulary: list[int] | None = None,
 ) -> Plan:
     """Turn measured spectra into reductions, shallow to deep.
 
@@ -181,6 +196,8 @@ def plan_reductions(
         max_savings: stop adding cuts once they save this many parameters (what a parameter target still needs);
             None: no limit.
         exclude: site names not to cut (e.g. rolled back in an earlier round).
+        vocabulary: token ids whose embedding codes an ``embedding`` cut stores (the others read their nearest kept
+            token's; see `reductions.embedding`); None stores every token's.
 
     Returns:
         A `Plan`; sites not cut are in ``plan.skipped`` with the reason.
@@ -236,13 +253,14 @@ def plan_reductions(
                 skipped[site.name] = "embedding is tied to the output layer"
                 continue
             vocab = modules[site.name].weight.shape[0]
-            before, after = vocab * d, vocab * rank + rank * d + d
+            tokens = _stored_tokens(site.name, vocabulary, vocab)
+            before, after = vocab * d, (len(tokens) or vocab) * rank + rank * d + d
             touched, producers = [site.name], []
         if after >= before:
             skipped[site.name] = f"rank {rank} would not save parameters ({after} >= {before})"
             continue
         cuts.append(PlannedCut(site.name, site.role, kind, d, m.k, rank, before, after, touched, producers, shared,
-                               heads))
+                               heads, tokens if kind == "embedding" else []))
         shapes.update(new_shapes)
         if max_sites is not None and len(cuts) >= max_sites:
             break

@@ -41,6 +41,7 @@ from .distillation import distillation_loss, hidden_state_loss, mask_tokenizer, 
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
+from .reductions import token_ids_used
 from .training_args import RMTKDTrainingArguments
 from .utils import write_text_atomic
 
@@ -94,6 +95,7 @@ class RMTKDTrainer(Trainer):
         self._loss_parts = {"ce": 0.0, "kl": 0.0, "n": 0}
         self._quantile = args.spectrum_quantile
         self._signal_fraction = 1.0
+        self._kept_tokens: list[int] | None = None
         self.rmtkd_final: dict | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +234,8 @@ class RMTKDTrainer(Trainer):
             ``self._signal_fraction``).
         """
         args, base = self.args, base_of(self.model)
-        options = dict(kinds=args.reduction_kinds, min_rank=args.min_rank, exclude=excluded)
+        options = dict(kinds=args.reduction_kinds, min_rank=args.min_rank, exclude=excluded,
+                       vocabulary=self._vocabulary())
         plan, quantile, fraction = None, args.spectrum_quantile, 1.0
         search = args.target_search if needed > 0 else "none"
         if self.accelerator.is_main_process:
@@ -253,6 +256,20 @@ class RMTKDTrainer(Trainer):
                 measurements = self._counted(measurements, quantile, fraction)
         self._quantile, self._signal_fraction = quantile, fraction
         return plan, measurements
+
+    def _vocabulary(self) -> list[int] | None:
+        """The token ids an embedding cut keeps codes for (``embedding_vocabulary``), counted once; None: all."""
+        if self.args.embedding_vocabulary == "all" or "embedding" not in self.args.reduction_kinds:
+            return None
+        if self._kept_tokens is None:
+            owners = (self.processing_class, getattr(self.data_collator, "tokenizer", None))
+            tokenizers = [getattr(owner, "tokenizer", owner) for owner in owners]  # a processor holds its tokenizer
+            special = next((t.all_special_ids for t in tokenizers if getattr(t, "all_special_ids", None)), [])
+            pad = getattr(base_of(self.model).config, "pad_token_id", None)
+            used = token_ids_used(self.train_dataset)
+            self._kept_tokens = sorted({*used, *special, *([pad] if pad is not None else [])})
+            logger.info(f"embedding_vocabulary='train': codes kept for {len(self._kept_tokens):,} tokens.")
+        return self._kept_tokens
 
     def _counted(self, measurements, quantile: float, fraction: float):
         """The measurements as a plan at ``quantile`` keeping ``fraction`` of each site's signal sees them."""
@@ -396,7 +413,8 @@ class RMTKDTrainer(Trainer):
             entry = {
                 "round": state["round"],
                 "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum,
-                                   **({"heads": c.heads} if c.heads else {})} for c in plan.cuts},
+                                   **({"heads": c.heads} if c.heads else {}),
+                                   **({"rows": len(c.tokens)} if c.tokens else {})} for c in plan.cuts},
                 "spectrum_quantile": self._quantile,
                 "signal_fraction": self._signal_fraction,
                 "params_before": params,

@@ -38,6 +38,8 @@ from .plan import DEFAULT_KINDS, KINDS
 from .reductions.ffn_width import METHODS as FFN_WIDTH_METHODS
 from .spectrum import EDGES, ESTIMATORS
 
+EMBEDDING_VOCABULARIES = ("all", "train")
+
 __all__ = ["RMTKDTrainingArguments"]
 
 EFFECTIVE_SAMPLES = ("tokens", "sequences")
@@ -169,6 +171,16 @@ class RMTKDTrainingArguments(TrainingArguments):
             "and refit the down-projection by least squares) or 'fold' (the paper's rotation onto the top-k "
             "eigenvectors; only approximate through the activation function).",
             "choices": list(FFN_WIDTH_METHODS),
+        },
+    )
+    embedding_vocabulary: str = field(
+        default="all",
+        metadata={
+            "help": "Which tokens an 'embedding' cut stores codes for: 'all', or 'train': only the token ids that "
+            "occur in train_dataset's input_ids (and the tokenizer's special tokens); every other token then reads "
+            "the code of the kept token nearest to it in the original embedding. For a model that will only see "
+            "text like its training data; on MiniLM-L6 / Rotten Tomatoes it keeps 13,448 of 30,522 tokens.",
+            "choices": list(EMBEDDING_VOCABULARIES),
         },
     )
     sites_per_round: int = field(
@@ -385,6 +397,7 @@ class RMTKDTrainingArguments(TrainingArguments):
             f"be a non-empty list of distinct kinds from {KINDS}",
         )
         one_of("ffn_width_method", FFN_WIDTH_METHODS)
+        one_of("embedding_vocabulary", EMBEDDING_VOCABULARIES)
         int_at_least_1("sites_per_round")
         int_at_least_1("max_rounds", optional=True)
         positive("distillation_epochs_per_round")

@@ -17,7 +17,8 @@ A reduction map is ``{module path: entry}``, with module paths relative to the w
 - ``{"kind": "attention_heads", "width": h·head_dim, "head_dim": head_dim, "producers": [q, k, v], "heads": [...]}``:
   an attention block keeps h whole heads (``heads``, for the record): q/k/v output and the output projection's input
   become h·head_dim; they stay plain ``nn.Linear`` (BERT-family attention infers its head count from that width).
-- ``{"kind": "embedding", "rank": k}``: an ``nn.Embedding(V, d)`` becomes a :class:`LowRankEmbedding`.
+- ``{"kind": "embedding", "rank": k}``: an ``nn.Embedding(V, d)`` becomes a :class:`LowRankEmbedding`. With
+  ``"rows": N`` it stores codes for N tokens only, and a token → row table (format version 3).
 """
 
 import torch
@@ -207,28 +208,41 @@ class LowRankEmbedding(nn.Module):
     holding Pᵀ and the centring term (I − PᵀP) μ as its bias. ``num_embeddings`` / ``embedding_dim`` /
     ``padding_idx`` mirror ``nn.Embedding`` for code that reads them from ``get_input_embeddings()``.
 
+    With ``rows`` = N < V, ``embed`` holds codes for N tokens only (those the training data uses) and the buffer
+    ``token_rows`` (V,) maps every token id to its row: a kept token to its own, any other to the row of the kept
+    token nearest to it in the original embedding.
+
     Args:
         num_embeddings: V, the vocabulary size.
         embedding_dim: d, the output width (the model's hidden size).
         rank: k.
         padding_idx: as in ``nn.Embedding``.
+        rows: N, the stored codes; None stores one per token (N = V, no table).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx=None, device=None, dtype=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx=None, rows: int | None = None,
+                 device=None, dtype=None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
-        self.embed = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.num_embeddings, self.embedding_dim, self.rank, self.rows = num_embeddings, embedding_dim, rank, rows
+        self._padding_idx = padding_idx
+        # With a token -> row table the padding token's row is wherever the table puts it: no padding_idx there.
+        self.embed = nn.Embedding(num_embeddings if rows is None else rows, rank,
+                                  padding_idx=padding_idx if rows is None else None, device=device, dtype=dtype)
         self.up = nn.Linear(rank, embedding_dim, bias=True, device=device, dtype=dtype)
+        if rows is not None:
+            self.register_buffer("token_rows", torch.zeros(num_embeddings, dtype=torch.int32, device=device))
 
     @property
     def padding_idx(self):
-        return self.embed.padding_idx
+        return self._padding_idx
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
-        return self.up(self.embed(input_ids))
+        rows = input_ids if self.rows is None else self.token_rows[input_ids]
+        return self.up(self.embed(rows))
 
     def extra_repr(self) -> str:
-        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"
+        stored = "" if self.rows is None else f", rows={self.rows}"
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}{stored}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -401,8 +415,12 @@ def plan_embedding(model: nn.Module, path: str, entry: dict, device=None) -> dic
     if (message := tied_embedding_error(model, path, old)) is not None:
         raise ValueError(message)
     rank = _check_rank(path, entry.get("rank"), old.embedding_dim, "'rank'")
+    rows = entry.get("rows")
+    if rows is not None and not (isinstance(rows, int) and 1 <= rows <= old.num_embeddings):
+        raise ValueError(f"embedding '{path}': 'rows' must be an integer in [1, {old.num_embeddings}], got {rows!r}.")
     kwargs = _factory(old, device)
-    new = LowRankEmbedding(old.num_embeddings, old.embedding_dim, rank, padding_idx=old.padding_idx, **kwargs)
+    new = LowRankEmbedding(old.num_embeddings, old.embedding_dim, rank, padding_idx=old.padding_idx, rows=rows,
+                           **kwargs)
     return {path: new}
 
 

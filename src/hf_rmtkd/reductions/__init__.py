@@ -24,7 +24,7 @@ from torch import nn
 from ..modeling.layers_rmtkd import build_reduction, get_submodule, plan_reduction
 from ..utils import count_parameters
 from .attention_heads import apply_attention_heads, head_signal, heads_holding
-from .embedding import apply_embedding, embedding_parameters
+from .embedding import apply_embedding, embedding_parameters, token_ids_used
 from .ffn_width import apply_ffn_width, reconstruction_map, select_neurons
 from .low_rank import apply_low_rank, low_rank_parameters, low_rank_pays
 
@@ -114,4 +114,5 @@ __all__ = [
     "parameter_savings",
     "reconstruction_map",
     "select_neurons",
+    "token_ids_used",
 ]
