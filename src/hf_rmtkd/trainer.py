@@ -501,6 +501,7 @@ class RMTKDTrainer(Trainer):
             "settings": {**self._spectrum_settings(), "distillation_alpha": a.distillation_alpha,
                          "distillation_temperature": a.distillation_temperature,
                          "distillation_mask_prob": a.distillation_mask_prob,
+                         "embedding_vocabulary": a.embedding_vocabulary,
                          "max_metric_drop": a.max_metric_drop, "target_params": a.target_params,
                          "sites_per_round": a.sites_per_round},
         }
