@@ -34,7 +34,10 @@ def token_ids_used(dataset, column: str = "input_ids") -> list[int]:
     if names is not None and column not in names:
         raise ValueError(f"embedding vocabulary: the dataset has no '{column}' column (columns: {names}); it must be "
                          "tokenized.")
-    rows = dataset[column] if names is not None else (row[column] for row in dataset)
+    if names is not None:  # a datasets.Dataset: read the column in batches, not as one list of every row
+        rows = (ids for batch in dataset.iter(batch_size=1024) for ids in batch[column])
+    else:
+        rows = (row[column] for row in dataset)
     used = set()
     for ids in rows:
         used.update(int(i) for i in ids)
