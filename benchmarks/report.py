@@ -145,20 +145,6 @@ def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[st
             checks.append(("(non-default loss) at least as accurate as every baseline with the same loss",
                            not beaten_by, "beaten by " + ", ".join(beaten_by) if beaten_by else
                            f"vs {', '.join(rivals)}"))
-    for option_row in (r for r in rows.values() if r.get("option")):  # RMT-KD with a non-default library option
-        setting = ", ".join(f"{key} {value!r}" for key, value in option_row["option"].items())
-        option_loss = (teacher["accuracy"] - _mean_accuracy(option_row)) * 100
-        option_cut = 1 - option_row["params"] / teacher["params"]
-        checks.append((f"(option {setting}) >= {goal['min_param_cut']:.0%} fewer params at <= "
-                       f"{goal['max_loss_points']} point accuracy loss",
-                       option_cut >= goal["min_param_cut"] and option_loss <= goal["max_loss_points"],
-                       f"{option_cut:.1%} fewer, {option_loss:+.2f} points lost, x"
-                       f"{option_row['throughput_ratio_b32']:.2f} batch-32 throughput"))
-        if matched:
-            beaten_by = [n for n, r in matched.items() if _mean_accuracy(r) > _mean_accuracy(option_row)]
-            checks.append((f"(option {setting}) at least as accurate as every baseline at matched size",
-                           not beaten_by, "beaten by " + ", ".join(beaten_by) if beaten_by else
-                           f"vs {', '.join(matched)}"))
     share = rmtkd["throughput_ratio_b32"] / rmtkd["flop_ratio"]
     param_ratio = rmtkd["params"] / teacher["params"]
     checks.append((f"batch-32 speed-up >= {SPEED_SHARE_OF_FLOP_CEILING:.0%} of the FLOP ceiling",

@@ -85,7 +85,6 @@ class TextBudget:
     baselines: tuple[str, ...]  # which matched baselines run (quick: the strongest of earlier runs only)
     compare_target_search: bool = False  # also run RMT-KD with target_search="quantile" (seed 0)
     compare_tuned_loss: bool = False  # also run RMT-KD and PCA energy with `TUNED_LOSS` (every seed)
-    compare_train_vocabulary: bool = False  # also run RMT-KD with embedding_vocabulary="train" (every seed)
     validation_examples: int = 500
     calibration_examples: int = 256
 
@@ -98,7 +97,7 @@ QUICK = TextBudget(test_examples=500, sites_per_round=64, steps_per_round=100, f
 FULL = TextBudget(test_examples=None, sites_per_round=64, steps_per_round=300, final_steps=300, tau_steps=150,
                   runs_b32=50, runs_b1=100, seeds=(0, 1, 2), teacher_train_examples=None, teacher_epochs=2.0,
                   baselines=("pca_energy", "svd_uniform", "layer_drop"), compare_target_search=True,
-                  compare_tuned_loss=True, compare_train_vocabulary=True)
+                  compare_tuned_loss=True)
 TARGET_PARAMS = 0.2  # the user's goal in this benchmark: 80% fewer parameters (the target)
 LEARNING_RATE = 2e-4  # every distilled row; tried on the validation split only (one value: a one-shot cut recovered)
 # The round guard catches a broken cut, not the cost of an 80% cut: on the 500 validation snippets (standard error of a
@@ -109,7 +108,6 @@ MAX_METRIC_DROP = 0.08
 # from the same cut, seed 0; results/distillation_sweep.jsonl): accuracy after the round was 0.768 with the defaults
 # (α 0.7, β 0), 0.778 with β 1, 0.780 with α 0.3 (the paper's recommended range is [0.3, 0.7]), 0.786 with both.
 TUNED_LOSS = {"distillation_alpha": 0.3, "distillation_hidden_weight": 1.0}
-OPTION_TRAIN_VOCAB = {"embedding_vocabulary": "train"}  # the option row's non-default library setting
 
 
 def teacher_settings(budget: TextBudget) -> dict:
@@ -217,9 +215,8 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
     rows = Rows(book, teacher, test=data["test"], collator=collator, inputs=inputs, seq_len=MAX_LENGTH,
                 runs_b32=budget.runs_b32, runs_b1=budget.runs_b1)
 
-    def rmtkd(seed, quantile=0.5, target=TARGET_PARAMS, target_search=None, loss=None, vocabulary=None):
-        return lambda: run_rmtkd(teacher, _rmtkd_args(budget, seed, quantile, target, target_search, loss,
-                                                      vocabulary=vocabulary),
+    def rmtkd(seed, quantile=0.5, target=TARGET_PARAMS, target_search=None, loss=None):
+        return lambda: run_rmtkd(teacher, _rmtkd_args(budget, seed, quantile, target, target_search, loss),
                                  train=train, validation=data["validation"], calibration=calibration,
                                  collator=collator)
 
@@ -300,14 +297,6 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
             suffix = "" if seed == first else f"_seed{seed}"
             rows.accuracy_only(f"rmtkd_tuned_loss{suffix}", rmtkd(seed, loss=TUNED_LOSS), rmtkd_extra)
             rows.accuracy_only(f"pca_energy_tuned_loss{suffix}", lambda seed=seed: pca(seed, TUNED_LOSS), pca_extra)
-
-    if budget.compare_train_vocabulary:  # an option of the library: its own shapes, so a full row, then more seeds
-        notes = ("as rmtkd, with embedding_vocabulary \"train\": embedding codes stored only for the token ids of the "
-                 "training split and the special tokens (every other token reads its nearest kept token's code); "
-                 "the baselines keep every token")
-        rows.timed("rmtkd_train_vocabulary", rmtkd(first, vocabulary="train"), notes, {"option": OPTION_TRAIN_VOCAB})
-        for seed in budget.seeds[1:]:
-            rows.accuracy_only(f"rmtkd_train_vocabulary_seed{seed}", rmtkd(seed, vocabulary="train"))
 
     return {
         "benchmark": "minilm_rt",
