@@ -5,7 +5,8 @@ final phase, and records the validation accuracy after the cut, after the round 
 split is never touched.
 
 Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--mask-prob 0] [--final-steps 0]
-[--threads 1] [--kinds ffn_width low_rank embedding attention_heads] [--target 0.2] [--embedding-vocabulary all]``;
+[--threads 1] [--kinds ffn_width low_rank embedding attention_heads] [--target 0.2] [--embedding-vocabulary all]
+[--learning-rate 2e-4]``;
 each run appends one line to ``benchmarks/results/distillation_sweep.jsonl``.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from harness import run_rmtkd
-from text import FULL, TARGET_PARAMS, _rmtkd_args, load_data, load_teacher
+from text import FULL, LEARNING_RATE, TARGET_PARAMS, _rmtkd_args, load_data, load_teacher
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_rmtkd.data import minilm_path
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=None, help="reduction kinds (default: the library's)")
     parser.add_argument("--target", type=float, default=TARGET_PARAMS, help="target_params (a fraction)")
     parser.add_argument("--embedding-vocabulary", default="all", choices=["all", "train"])
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
@@ -57,7 +59,8 @@ def main() -> None:
                                                    "distillation_hidden_weight": options.hidden_weight,
                                                    "distillation_temperature": options.temperature,
                                                    "distillation_mask_prob": options.mask_prob},
-                        kinds=options.kinds, target=options.target, vocabulary=options.embedding_vocabulary)
+                        kinds=options.kinds, target=options.target, vocabulary=options.embedding_vocabulary,
+                        learning_rate=options.learning_rate)
     start = time.perf_counter()
     _, info = run_rmtkd(teacher, args, train=data["train"], validation=data["validation"], calibration=calibration,
                         collator=DataCollatorWithPadding(tokenizer))
@@ -65,7 +68,7 @@ def main() -> None:
     record = {"alpha": options.alpha, "hidden_weight": options.hidden_weight, "temperature": options.temperature,
               "mask_prob": options.mask_prob, "target": options.target,
               "embedding_vocabulary": options.embedding_vocabulary, "steps": options.steps, "seed": options.seed,
-              "threads": options.threads,
+              "threads": options.threads, "learning_rate": options.learning_rate,
               "kinds": args.reduction_kinds, "attention_heads_kept": _heads_kept(entry),
               "params": entry["params_after_cut"], "eval_accuracy_after_cut": entry["eval_accuracy_after_cut"],
               "eval_accuracy": entry["eval_accuracy"], "accepted": entry["accepted"],

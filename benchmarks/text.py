@@ -175,13 +175,14 @@ def load_teacher(data: dict, tokenizer, budget: TextBudget) -> tuple[object, str
 
 def _rmtkd_args(budget: TextBudget, seed: int, quantile: float = 0.5, target: float | None = TARGET_PARAMS,
                 target_search: str | None = None, loss: dict | None = None,
-                kinds: list[str] | None = None, vocabulary: str | None = None) -> hf_rmtkd.RMTKDTrainingArguments:
+                kinds: list[str] | None = None, vocabulary: str | None = None,
+                learning_rate: float = LEARNING_RATE) -> hf_rmtkd.RMTKDTrainingArguments:
     """Library defaults for every spectral and distillation setting (``loss`` overrides the distillation weights,
     ``kinds`` the reduction kinds, ``vocabulary`` the embedding vocabulary); the target, schedule and optimiser set
     here."""
     return hf_rmtkd.RMTKDTrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-rmtkd-"), per_device_train_batch_size=32,
-        per_device_eval_batch_size=64, learning_rate=LEARNING_RATE, warmup_steps=0.06,
+        per_device_eval_batch_size=64, learning_rate=learning_rate, warmup_steps=0.06,
         sites_per_round=budget.sites_per_round, distillation_steps_per_round=budget.steps_per_round,
         final_distillation_steps=budget.final_steps, target_params=target, max_metric_drop=MAX_METRIC_DROP,
         spectrum_quantile=quantile, logging_steps=50, save_strategy="no", report_to=[], disable_tqdm=True,

@@ -107,3 +107,11 @@ def test_trainer_keeps_the_training_vocabulary_and_the_result_reloads(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, trainer.model(**batch).logits)
+
+
+def test_compress_takes_the_vocabulary_too():
+    model, inputs = tiny_model("bert"), [tiny_inputs("bert", batch=8, seed=seed) for seed in range(2)]
+    kept = token_ids_used([{"input_ids": batch["input_ids"].flatten().tolist()} for batch in inputs])
+    small = hf_rmtkd.compress(model, inputs, kinds=["embedding"], min_rank=4, vocabulary=kept, progress=False)
+    assert small.config.reductions[PATH]["rows"] == len(kept) < VOCAB_SIZE
+    assert small.get_submodule(f"model.{PATH}").rows == len(kept)

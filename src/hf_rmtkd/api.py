@@ -101,6 +101,7 @@ def compress(
     min_rank: int = 8,
     min_keep_ratio: float = 0.0,
     ffn_method: str = "select",
+    vocabulary: list[int] | None = None,
     centre: bool = True,
     estimator: str = "mp_fit",
     quantile: float = 0.5,
@@ -124,6 +125,9 @@ def compress(
         min_rank: smallest rank / width installed.
         min_keep_ratio: smallest kept fraction k/d.
         ffn_method: ``"select"`` (whole neurons + least-squares refit, default) or ``"fold"``.
+        vocabulary: token ids whose embedding codes an ``embedding`` cut stores, e.g.
+            ``reductions.token_ids_used(train_set)`` plus the tokenizer's special ids; every other token reads its
+            nearest kept token's code. None (default) stores every token's.
         centre, estimator, quantile, edge, effective_samples, max_tokens, batch_size, collate_fn, progress:
             as for `analyze`.
         inplace: cut ``model`` itself; by default a copy is cut and ``model`` is left untouched.
@@ -144,7 +148,8 @@ def compress(
         progress=progress, centre=centre, estimator=estimator, quantile=quantile, edge=edge,
         effective_samples=effective_samples,
     )
-    plan = plan_reductions(measurements, base, kinds=kinds, min_rank=min_rank, min_keep_ratio=min_keep_ratio)
+    plan = plan_reductions(measurements, base, kinds=kinds, min_rank=min_rank, min_keep_ratio=min_keep_ratio,
+                           vocabulary=vocabulary)
     added = apply_plan(base, plan, measurements, ffn_method=ffn_method)
     settings = dict(centre=centre, estimator=estimator, quantile=quantile, edge=edge,
                     effective_samples=effective_samples, max_tokens=max_tokens, min_rank=min_rank,
