@@ -25,8 +25,8 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
     Args:
         teacher: the uncompressed model the run started from (left unchanged).
         log: the run's round log (`RMTKDTrainer.rmtkd_log`, the ``log`` of a result's ``rmtkd`` row): per round,
-            ``sites`` maps a site name to its cut (``kind``, ``d``, ``k``, ``k_spectrum``, optionally ``heads``).
-            Rounds logged with ``accepted: False`` were rolled back by the trainer and are skipped.
+            ``sites`` maps a site name to its cut (``kind``, ``d``, ``k``, ``k_spectrum``, optionally ``heads`` and
+            ``rows``). Rounds logged with ``accepted: False`` were rolled back by the trainer and are skipped.
 
     Returns:
         The RMTKD model, in eval mode, with the shapes the run ended with.
@@ -43,8 +43,9 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
             modules = [name] if kind == "embedding" else list(site.consumers)
             producers = list(site.producers) if kind in WIDTH_KINDS else []
             shared = kind == "low_rank" and len(modules) > 1
+            stored = list(range(cut["rows"])) if "rows" in cut else []  # only their count shapes the embedding
             cuts.append(PlannedCut(name, site.role, kind, cut["d"], cut["k_spectrum"], cut["k"], 0, 0, modules,
-                                   producers, shared, cut.get("heads", [])))
+                                   producers, shared, cut.get("heads", []), stored))
         round_map = Plan(cuts, {}).reduction_map()
         apply_reduction_map(base, round_map)
         reductions.update(round_map)

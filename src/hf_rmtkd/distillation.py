@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import tokenizer_with
+
 __all__ = [
     "distillation_loss", "hidden_state_loss", "mask_tokenizer", "mask_tokens", "masked_copy_loss", "teacher_copy",
 ]
@@ -238,10 +240,9 @@ def mask_tokenizer(*owners):
     Raises:
         ValueError: none has a mask token; the masked-copy term cannot run.
     """
-    for owner in owners:
-        tokenizer = getattr(owner, "tokenizer", owner)  # a processor or a data collator holds its tokenizer
-        if getattr(tokenizer, "mask_token_id", None) is not None:
-            return tokenizer
+    tokenizer = tokenizer_with("mask_token_id", *owners)
+    if tokenizer is not None:
+        return tokenizer
     raise ValueError("distillation_mask_prob > 0 needs a tokenizer with a mask token: pass processing_class=tokenizer "
                      "to the trainer (or a data collator that holds one).")
 

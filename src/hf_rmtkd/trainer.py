@@ -43,7 +43,7 @@ from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
 from .reductions import token_ids_used
 from .training_args import RMTKDTrainingArguments
-from .utils import write_text_atomic
+from .utils import tokenizer_with, write_text_atomic
 
 __all__ = ["RMTKDTrainer"]
 
@@ -262,9 +262,8 @@ class RMTKDTrainer(Trainer):
         if self.args.embedding_vocabulary == "all" or "embedding" not in self.args.reduction_kinds:
             return None
         if self._kept_tokens is None:
-            owners = (self.processing_class, getattr(self.data_collator, "tokenizer", None))
-            tokenizers = [getattr(owner, "tokenizer", owner) for owner in owners]  # a processor holds its tokenizer
-            special = next((t.all_special_ids for t in tokenizers if getattr(t, "all_special_ids", None)), [])
+            tokenizer = tokenizer_with("all_special_ids", self.processing_class, self.data_collator)
+            special = tokenizer.all_special_ids if tokenizer is not None else []
             pad = getattr(base_of(self.model).config, "pad_token_id", None)
             used = token_ids_used(self.train_dataset)
             self._kept_tokens = sorted({*used, *special, *([pad] if pad is not None else [])})

@@ -8,7 +8,9 @@ from torch import nn
 
 from .modeling.layers_rmtkd import ModulePathError, get_submodule, set_submodule
 
-__all__ = ["ModulePathError", "count_parameters", "get_submodule", "set_submodule", "write_text_atomic"]
+__all__ = [
+    "ModulePathError", "count_parameters", "get_submodule", "set_submodule", "tokenizer_with", "write_text_atomic",
+]
 
 
 def count_parameters(*modules: nn.Module) -> int:
@@ -22,6 +24,19 @@ def count_parameters(*modules: nn.Module) -> int:
     """
     unique = {id(p): p for module in modules for p in module.parameters()}
     return sum(p.numel() for p in unique.values())
+
+
+def tokenizer_with(attribute: str, *owners):
+    """The first tokenizer among ``owners`` whose ``attribute`` is set (None if none has it).
+
+    An owner is a tokenizer, or what holds one as ``.tokenizer``: a processor, a data collator (what a `Trainer` has
+    as ``processing_class`` and ``data_collator``).
+    """
+    for owner in owners:
+        tokenizer = getattr(owner, "tokenizer", owner)
+        if getattr(tokenizer, attribute, None) is not None:
+            return tokenizer
+    return None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
