@@ -49,6 +49,7 @@ from shapes import rmtkd_shaped_model
 from torch import nn
 
 import hf_rmtkd
+from hf_rmtkd.utils import write_text_atomic
 
 __all__ = ["live_tensor_peak_bytes", "load_checkpoint", "tensor_peak_mb", "weight_bytes"]
 
@@ -257,7 +258,7 @@ def main() -> None:
         # Entries of benchmarks not probed this time stay as they were; each records its own command.
         "benchmarks": {**{k: v for k, v in previous.items() if k not in benchmarks}, **benchmarks},
     }
-    output.write_text(json.dumps(report, indent=2))
+    write_text_atomic(output, json.dumps(report, indent=2))  # an interrupted write keeps the old file
     print(f"Wrote {output.relative_to(RESULTS.parent.parent).as_posix()} in {report['wall_seconds']:.0f} s")
 
 

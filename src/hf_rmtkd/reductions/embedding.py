@@ -57,7 +57,8 @@ def nearest_kept_rows(table: torch.Tensor, kept: torch.Tensor, chunk: int = 4096
     Returns:
         (V,) int32 row indices in [0, N).
     """
-    centred = table.float() - table.float().mean(0)
+    table = table.float()
+    centred = table - table.mean(0)
     unit = torch.nn.functional.normalize(centred, dim=1)
     kept_unit = unit[kept]
     rows = torch.empty(table.shape[0], dtype=torch.int32)
