@@ -47,7 +47,7 @@ KIND_FOR_ROLE = {
     "ffn_in": "low_rank",
     "linear": "low_rank",
 }
-KINDS = ("low_rank", "ffn_width", "attention_heads", "embedding")
+KINDS = ("low_rank", "ffn_width", "attention_heads", "embedding", "residual")
 # attention_heads acts only under a parameter target (a signal fraction below 1): on MiniLM-L6 at -80% it kept 52 of
 # 72 heads and ended 0.6 points higher on validation than the same run without it (benchmarks/distillation_sweep.py).
 DEFAULT_KINDS = ("ffn_width", "low_rank", "attention_heads", "embedding")

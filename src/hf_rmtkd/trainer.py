@@ -40,8 +40,9 @@ from .cut import apply_plan
 from .distillation import distillation_loss, hidden_state_loss, mask_tokenizer, masked_copy_loss, teacher_copy
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
-from .plan import keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
+from .plan import Plan, keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
 from .reductions import token_ids_used
+from .reductions.residual import cut_residual_stream
 from .training_args import RMTKDTrainingArguments
 from .utils import tokenizer_with, write_text_atomic
 
@@ -276,9 +277,22 @@ class RMTKDTrainer(Trainer):
             measurements = self._count_at(measurements, quantile)
         return keep_signal_fraction(measurements, fraction)  # fraction 1 returns them unchanged
 
-    def _cut(self, plan, measurements) -> None:
+    def _stream_cut_due(self, excluded: set[str]) -> bool:
+        """Narrow the residual stream now: enabled, not rolled back before, and the model has no cut yet."""
+        return "residual" in self.args.reduction_kinds and "residual" not in excluded and base_of(self.model) is self.model
+
+    def _narrow_stream(self) -> tuple[dict, dict]:
+        """Cut the residual stream of the (uncut) model to its outlier counts; the map entries and the round log's."""
+        a = self.args
+        return cut_residual_stream(
+            self.model, self._calibration_loader(), estimator=a.spectrum_estimator, quantile=a.spectrum_quantile,
+            edge=a.spectrum_edge, effective_samples=a.effective_samples, min_rank=a.min_rank,
+            max_tokens=a.calibration_max_tokens, accelerator=self.accelerator, progress=not a.disable_tqdm,
+        )
+
+    def _cut(self, plan, measurements, stream_entries: dict | None = None) -> None:
         base = base_of(self.model)
-        added = apply_plan(base, plan, measurements, ffn_method=self.args.ffn_width_method)
+        added = {**(stream_entries or {}), **apply_plan(base, plan, measurements, ffn_method=self.args.ffn_width_method)}
         summary = to_report(measurements, self._spectrum_settings()).summary()
         if base is self.model:
             self.model = rmtkd_class_for(base).from_base(base, added, spectral_summary=summary)
@@ -381,22 +395,32 @@ class RMTKDTrainer(Trainer):
             if target is not None and params <= target:
                 stop_reason = f"parameter target met ({params:,} <= {target:,})"
                 break
+            # The residual stream is narrowed once, at the start of the first round, before any cut inside the
+            # layers: those are then measured and planned on the narrowed model, within the same round.
+            narrows = self._stream_cut_due(set(state["excluded"]))
+            snapshot = teacher_copy(self.model) if narrows else None
+            stream_entries, stream_sites = self._narrow_stream() if narrows else ({}, {})
             measurements = self._measure()
-            needed = params - target if target is not None else 0
-            plan, measurements = self._plan(measurements, set(state["excluded"]), needed)
+            needed = self.model.num_parameters() - target if target is not None else 0
+            if narrows and target is not None and needed <= 0:
+                plan = Plan(cuts=[], skipped={})  # the narrowed stream alone meets the target
+            else:
+                plan, measurements = self._plan(measurements, set(state["excluded"]), needed)
             self.rmtkd_report = to_report(measurements, self._spectrum_settings())
-            if not plan.cuts:
+            if not plan.cuts and not narrows:
                 stop_reason = "no site shrinks any more"
                 break
             thin = [c for c in plan.cuts if c.k_spectrum / c.d < args.min_keep_ratio]
             if thin:
                 stop_reason = f"k/d of {thin[0].site} is {thin[0].k_spectrum / thin[0].d:.3f} < min_keep_ratio"
+                if narrows:
+                    self._restore(snapshot)
                 break
             state["round"] += 1
             # Seed every round from its index, so a resumed run repeats the uninterrupted run's dropout and data order.
             set_seed(args.seed + state["round"])
-            self.teacher = teacher_copy(self.model)
-            self._cut(plan, measurements)
+            self.teacher = snapshot if narrows else teacher_copy(self.model)
+            self._cut(plan, measurements, stream_entries)
             after_cut = self._metric()
             self._nonfinite_loss = False
             self._distil()
@@ -411,9 +435,10 @@ class RMTKDTrainer(Trainer):
                 accepted, reason = True, "within max_metric_drop"
             entry = {
                 "round": state["round"],
-                "sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum,
-                                   **({"heads": c.heads} if c.heads else {}),
-                                   **({"rows": len(c.tokens)} if c.tokens else {})} for c in plan.cuts},
+                "sites": {**stream_sites,
+                          **{c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum,
+                                      **({"heads": c.heads} if c.heads else {}),
+                                      **({"rows": len(c.tokens)} if c.tokens else {})} for c in plan.cuts}},
                 "spectrum_quantile": self._quantile,
                 "signal_fraction": self._signal_fraction,
                 "params_before": params,
@@ -426,7 +451,7 @@ class RMTKDTrainer(Trainer):
             }
             if not accepted:
                 self._restore(self.teacher)
-                state["excluded"] += [c.site for c in plan.cuts]
+                state["excluded"] += [c.site for c in plan.cuts] + (["residual"] if narrows else [])
                 logger.warning(f"Round {state['round']} rolled back: {reason}.")
             self.teacher = None
             entry["params"] = self.model.num_parameters()

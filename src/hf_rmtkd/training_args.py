@@ -160,7 +160,10 @@ class RMTKDTrainingArguments(TrainingArguments):
             "layer through its input's top-k directions), 'embedding' (factor the token embeddings), "
             "'attention_heads' (BERT family, only under target_params with the signal_fraction search: keep the "
             "fewest heads holding the kept fraction of the attention output's signal, so attention itself gets "
-            "cheaper, which low_rank cannot do). Sites whose kind is not listed are left alone.",
+            "cheaper, which low_rank cannot do), 'residual' (post-LayerNorm BERT family: in the first round, "
+            "before the cuts inside the layers, narrow the residual stream between every two LayerNorms to its "
+            "outlier count, so every Linear, norm and residual add gets narrower). Sites whose kind is not listed "
+            "are left alone.",
             "choices": list(KINDS),
         },
     )
@@ -417,6 +420,10 @@ class RMTKDTrainingArguments(TrainingArguments):
         number_in("distillation_mask_prob", 0, 1, low_open=False, high_open=True)
         self._require("distillation_hidden_weight",
                       _is_number(self.distillation_hidden_weight) and self.distillation_hidden_weight >= 0, "be >= 0")
+        narrows_stream = isinstance(self.reduction_kinds, list) and "residual" in self.reduction_kinds
+        self._require("distillation_hidden_weight", not (narrows_stream and self.distillation_hidden_weight),
+                      "be 0 when reduction_kinds holds 'residual' (a narrowed stream's hidden states no longer have "
+                      "the teacher's width)")
         # stopping
         target = self.target_params
         is_ratio = _is_number(target) and 0 < target < 1

@@ -10,7 +10,8 @@ from transformers import AutoConfig, PreTrainedConfig
 # Bump when the meaning of `reductions` changes; older code must refuse newer checkpoints instead of misreading them.
 # 2: low_rank entries may share one projection ("shares_projection_with"), which version-1 code would misread.
 # 3: embedding entries may store codes for fewer tokens than the vocabulary ("rows", with a token -> row table).
-FORMAT_VERSION = 3
+# 4: "residual" entries narrow the residual stream between post-LayerNorms (ReducedLayerNorm).
+FORMAT_VERSION = 4
 
 # Base-config fields copied to the top level, for code that reads them from `model.config` without knowing about
 # the wrapper: pipelines (labels), generation (special tokens), tooling that sizes things by `hidden_size`.

@@ -19,6 +19,10 @@ A reduction map is ``{module path: entry}``, with module paths relative to the w
   become h·head_dim; they stay plain ``nn.Linear`` (BERT-family attention infers its head count from that width).
 - ``{"kind": "embedding", "rank": k}``: an ``nn.Embedding(V, d)`` becomes a :class:`LowRankEmbedding`. With
   ``"rows": N`` it stores codes for N tokens only, and a token → row table (format version 3).
+- ``{"kind": "residual", "input_width": r_in | None, "width": r_out | None, "readers": [...], "writers": [...]}``:
+  a post-LayerNorm becomes a :class:`ReducedLayerNorm` that reads the residual stream in r_in coordinates (None: the
+  full hidden size) and writes it in r_out coordinates (None: full); the Linears reading its output (``readers``) and
+  those adding into the same stream before the next norm (``writers``) are resized to r_out (format version 4).
 """
 
 import torch
@@ -245,6 +249,59 @@ class LowRankEmbedding(nn.Module):
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}{stored}"
 
 
+class ReducedLayerNorm(nn.Module):
+    """A post-LayerNorm of a residual stream held in a basis of its top directions (the ``residual`` kind).
+
+    Between two post-LayerNorms the stream is stored as coordinates z in an orthonormal basis B = [U, 1/√d]: U (d×r)
+    holds the stream's top eigen-directions with the all-ones direction removed, and the last coordinate carries the
+    per-token mean, which the readers need but LayerNorm's centring discards. The norm therefore sees the centred
+    stream as ``U (z[:r] + shift) + o⊥``: ``shift`` and the constant o⊥ (orthogonal to U, entering only through its
+    squared length ``outside_variance``) carry the stream's mean. The variance over the d features is then exact in r
+    numbers, and the normalised vector, scaled by γ and moved into the next basis, is one (r_out × r) product::
+
+        x = z[..., :r] + shift;   σ = sqrt((|x|² + outside_variance) / d + eps)
+        out = (x Wᵀ + offset) / σ + bias
+
+    With ``full_input`` the input is the ordinary d-wide stream (the embeddings' sum), centred as LayerNorm does.
+
+    Args:
+        hidden_size: d, the width the original LayerNorm normalised.
+        input_width: the input's width: r + 1 coordinates, or d with ``full_input``.
+        output_width: the output's width: the next basis' r' + 1 coordinates, or d for a full-width output.
+        full_input: the input is a full d-wide vector rather than basis coordinates.
+        eps: LayerNorm's epsilon.
+    """
+
+    def __init__(self, hidden_size: int, input_width: int, output_width: int, full_input: bool = False,
+                 eps: float = 1e-12, device=None, dtype=None):
+        super().__init__()
+        self.hidden_size, self.input_width, self.output_width = hidden_size, input_width, output_width
+        self.full_input, self.eps = full_input, eps
+        normalised = input_width if full_input else input_width - 1  # the mean coordinate is not normalised
+        kwargs = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(output_width, normalised, **kwargs))
+        self.bias = nn.Parameter(torch.zeros(output_width, **kwargs))
+        self.offset = nn.Parameter(torch.zeros(output_width, **kwargs))
+        if not full_input:
+            self.shift = nn.Parameter(torch.zeros(normalised, **kwargs))
+            self.outside_variance = nn.Parameter(torch.zeros((), **kwargs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., input_width) -> (..., output_width)
+        if self.full_input:
+            x = x - x.mean(-1, keepdim=True)
+            squared = x.square().sum(-1, keepdim=True)
+        else:
+            x = x[..., :-1] + self.shift
+            squared = x.square().sum(-1, keepdim=True) + self.outside_variance
+        scale = torch.rsqrt(squared / self.hidden_size + self.eps)
+        return (nn.functional.linear(x, self.weight) + self.offset) * scale + self.bias
+
+    def extra_repr(self) -> str:
+        full = ", full_input=True" if self.full_input else ""
+        return (f"hidden_size={self.hidden_size}, input_width={self.input_width}, "
+                f"output_width={self.output_width}{full}, eps={self.eps}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Shape-only builders: entry -> {path: new module}. They read shapes from the modules they replace, never weights,
 # so they run on the meta device.
@@ -424,15 +481,48 @@ def plan_embedding(model: nn.Module, path: str, entry: dict, device=None) -> dic
     return {path: new}
 
 
+def plan_residual(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
+    """Shape-only replacements for a ``residual`` entry: the LayerNorm at ``path``, its readers and the writers."""
+    norm = get_submodule(model, path)
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise ModulePathError(f"residual cannot reduce '{path}': it is a {type(norm).__name__}, not a 1-d nn.LayerNorm.")
+    d = norm.normalized_shape[0]
+    widths = {}
+    for field in ("input_width", "width"):
+        value = entry.get(field)
+        widths[field] = d if value is None else _check_rank(path, value, d, f"'{field}'")
+    plan = {path: ReducedLayerNorm(d, widths["input_width"], widths["width"], full_input=entry.get("input_width") is None,
+                                   eps=norm.eps, **_factory(norm, device))}
+    for reader in entry.get("readers", []):
+        module = get_submodule(model, reader)
+        if consumer_width(reader, module) != d:
+            raise ValueError(f"residual entry for '{path}': reader '{reader}' reads {consumer_width(reader, module)} "
+                             f"features, not the stream's {d}.")
+        plan[reader] = _with_input_width(module, widths["width"], device)
+    for writer in entry.get("writers", []):
+        module = get_submodule(model, writer)
+        if not isinstance(module, nn.Linear) or module.out_features != d:
+            raise ValueError(f"residual entry for '{path}': writer '{writer}' must be an nn.Linear writing the "
+                             f"stream's {d} features.")
+        plan[writer] = _with_output_width(module, widths["width"], device)
+    return plan
+
+
 PLANNERS = {
     "low_rank": plan_low_rank,
     "ffn_width": plan_ffn_width,
     "attention_heads": plan_attention_heads,
     "embedding": plan_embedding,
+    "residual": plan_residual,
 }
 # Kinds that resize a producer's output (e.g. ``intermediate.dense``, ``query``), which a ``low_rank`` entry may then
 # factor: they are installed first.
 WIDTH_KINDS = ("ffn_width", "attention_heads")
+
+
+def install_order(kind: str) -> int:
+    """Width cuts first, then the residual stream (it resizes the other side of the same Linears), then factoring."""
+    return 0 if kind in WIDTH_KINDS else 1 if kind == "residual" else 2
 
 
 def plan_reduction(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
@@ -494,7 +584,7 @@ def apply_reduction_map(model: nn.Module, reductions: dict) -> None:
     ``low_rank`` entry may then factor, and config.json stores the map with sorted keys, so the order is fixed here
     rather than taken from the file. Layers that share a projection are linked once every entry is installed.
     """
-    ordered = sorted(reductions.items(), key=lambda item: item[1].get("kind") not in WIDTH_KINDS)
+    ordered = sorted(reductions.items(), key=lambda item: install_order(item[1].get("kind")))
     for path, entry in ordered:
         build_reduction(model, path, entry)
     for path, entry in ordered:

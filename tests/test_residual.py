@@ -1,0 +1,163 @@
+"""The ``residual`` kind: narrowing the residual stream of post-LayerNorm encoders (BERT family)."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_checkpoints import NO_PLUGIN_SCRIPT
+from test_trainer import common_args, teacher_for
+from tiny_models import tiny_inputs, tiny_model
+from transformers import AutoModelForSequenceClassification
+
+import hf_rmtkd  # noqa: F401  (registers the Auto classes)
+from hf_rmtkd.calibration import calibrate, collect_statistics
+from hf_rmtkd.cut import apply_plan
+from hf_rmtkd.modeling import rmtkd_class_for
+from hf_rmtkd.modeling.layers_rmtkd import ReducedLayerNorm, apply_reduction_map
+from hf_rmtkd.plan import plan_reductions
+from hf_rmtkd.reductions.residual import (
+    cut_residual_stream,
+    narrow_residual_stream,
+    stream_segments,
+    stream_sites,
+)
+from hf_rmtkd.trainer import RMTKDTrainer
+from hf_rmtkd.training_args import RMTKDTrainingArguments
+
+HIDDEN = 32  # tiny_model's hidden size
+
+
+def calibration(arch="bert", n=6):
+    return [tiny_inputs(arch, batch=8, seq_len=12, seed=seed) for seed in range(n)]
+
+
+def narrowed(arch, ranks):
+    model = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    segments = stream_segments(model)
+    statistics = collect_statistics(model, calibration(arch), stream_sites(segments), progress=False)
+    entries = narrow_residual_stream(model, statistics.accumulators, ranks(len(segments)))
+    return reference, model, entries
+
+
+def logits(model, arch="bert"):
+    with torch.no_grad():
+        return model(**tiny_inputs(arch, batch=4, seq_len=12, seed=99)).logits
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_a_complete_basis_keeps_the_function(arch):
+    # k = d - 1 centred directions plus the all-ones one span the whole stream: only rounding may differ.
+    reference, model, entries = narrowed(arch, lambda n: [HIDDEN - 1] * n)
+    torch.testing.assert_close(logits(model, arch), logits(reference, arch), atol=1e-5, rtol=1e-5)
+    assert sum(isinstance(m, ReducedLayerNorm) for m in model.modules()) == len(entries) == 5
+
+
+@pytest.mark.parametrize("k", [4, 12])
+def test_a_narrow_stream_shrinks_every_stream_linear(k):
+    reference, model, entries = narrowed("bert", lambda n: [k] * n)
+    layer = model.bert.encoder.layer[1]
+    assert layer.attention.self.query.in_features == k + 1
+    assert layer.attention.output.dense.out_features == k + 1
+    assert layer.intermediate.dense.in_features == k + 1 and layer.output.dense.out_features == k + 1
+    assert model.bert.embeddings.word_embeddings.embedding_dim == HIDDEN  # the embeddings' sum stays full width
+    assert model.bert.pooler.dense.in_features == HIDDEN  # the last norm writes full width for the heads
+    assert model.num_parameters() < reference.num_parameters()
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_a_narrowed_model_reloads_with_and_without_the_plugin(tmp_path):
+    _, model, entries = narrowed("bert", lambda n: [6] * n)
+    wrapper = rmtkd_class_for(model).from_base(model, entries)
+    wrapper.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(model), atol=0, rtol=0)
+    shapes = copy.deepcopy(tiny_model("bert"))
+    apply_reduction_map(shapes, entries)  # the map alone rebuilds every shape
+    assert {n: p.shape for n, p in shapes.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+    # In a fresh interpreter where hf_rmtkd cannot be imported: the checkpoint's own code rebuilds it.
+    inputs = tiny_inputs("bert", batch=4, seq_len=12, seed=99)
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    job = {"dir": str(tmp_path), "auto_class": "AutoModelForSequenceClassification", "remote": True,
+           "generate": False, "out": str(tmp_path / "out.safetensors")}
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-I", "-c", NO_PLUGIN_SCRIPT, json.dumps([job])], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not json.loads(proc.stdout.strip().splitlines()[-1])["hf_rmtkd_imported"]
+    torch.testing.assert_close(load_file(job["out"])["output"], logits(model), atol=1e-5, rtol=0)
+
+
+def test_cuts_inside_the_layers_compose_with_a_narrow_stream(tmp_path):
+    _, model, entries = narrowed("bert", lambda n: [10] * n)
+    measurements = calibrate(model, calibration(), progress=False)
+    plan = plan_reductions(measurements, model, min_rank=2, kinds=("ffn_width", "low_rank", "embedding"))
+    assert plan.cuts
+    entries = {**entries, **apply_plan(model, plan, measurements)}
+    wrapper = rmtkd_class_for(model).from_base(model, entries)  # checks every shape against the map
+    wrapper.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(model), atol=1e-6, rtol=1e-6)
+
+
+def test_the_stream_keeps_its_outlier_count():
+    model = tiny_model("bert")
+    entries, sites = cut_residual_stream(model, calibration(), min_rank=2, progress=False)
+    assert len(sites) == 4 and all(s["kind"] == "residual" and s["d"] == HIDDEN for s in sites.values())
+    for norm, site in sites.items():
+        assert site["k"] == min(HIDDEN - 1, max(site["k_spectrum"], 2))
+        assert entries[norm]["width"] == site["k"] + 1
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: tiny_model("distilbert"), "model_type 'distilbert'"),
+        (lambda: tiny_model("llama"), "model_type 'llama'"),
+    ],
+)
+def test_other_architectures_are_refused_by_name(build, message):
+    with pytest.raises(ValueError, match=message):
+        stream_segments(build())
+
+
+def test_the_stream_is_narrowed_before_other_cuts():
+    model = tiny_model("bert")
+    measurements = calibrate(model, calibration(), progress=False)
+    plan = plan_reductions(measurements, model, min_rank=2, kinds=("low_rank",))
+    apply_plan(model, plan, measurements)
+    segments = stream_segments(model)
+    statistics = collect_statistics(model, calibration(), stream_sites(segments), progress=False)
+    with pytest.raises(ValueError, match="narrow the residual stream before"):
+        narrow_residual_stream(model, statistics.accumulators, [4] * len(segments))
+
+
+def test_feature_distillation_is_refused_with_a_narrow_stream(tmp_path):
+    with pytest.raises(ValueError, match="distillation_hidden_weight must be 0 when reduction_kinds holds 'residual'"):
+        RMTKDTrainingArguments(output_dir=str(tmp_path), reduction_kinds=["residual", "low_rank"],
+                               distillation_hidden_weight=1.0)
+
+
+def test_trainer_narrows_the_stream_in_the_first_round_and_the_result_reloads(tmp_path):
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+    args = RMTKDTrainingArguments(
+        **common_args(tmp_path / "residual"), sites_per_round=64, max_rounds=1, distillation_steps_per_round=2,
+        min_rank=2, max_metric_drop=1.0, target_params=0.25,
+        reduction_kinds=["residual", "ffn_width", "low_rank", "embedding", "attention_heads"],
+    )
+    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+    trainer.train()
+    entry = trainer.rmtkd_log[0]
+    kinds = {site["kind"] for site in entry["sites"].values()}
+    assert "residual" in kinds and entry["accepted"], entry
+    assert trainer.model.num_parameters() <= round(0.25 * entry["params_before"])
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    batch = {k: torch.tensor(v) for k, v in test[:8].items() if k != "labels"}
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
