@@ -15,6 +15,7 @@ from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
 from hf_rmtkd.modeling.layers_rmtkd import WIDTH_KINDS
 from hf_rmtkd.plan import Plan, PlannedCut
+from hf_rmtkd.reductions.residual import stream_entries, stream_segments
 
 __all__ = ["rmtkd_shaped_model"]
 
@@ -26,7 +27,7 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
         teacher: the uncompressed model the run started from (left unchanged).
         log: the run's round log (`RMTKDTrainer.rmtkd_log`, the ``log`` of a result's ``rmtkd`` row): per round,
             ``sites`` maps a site name to its cut (``kind``, ``d``, ``k``, ``k_spectrum``, optionally ``heads`` and
-            ``rows``). Rounds logged with ``accepted: False`` were rolled back by the trainer and are skipped.
+            ``rows``; a ``residual`` cut is keyed by the LayerNorm starting its stream segment). Rounds logged with ``accepted: False`` were rolled back by the trainer and are skipped.
 
     Returns:
         The RMTKD model, in eval mode, with the shapes the run ended with.
@@ -37,8 +38,11 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
     for entry in log:
         if not entry.get("accepted", True):  # the trainer restored the sites of a rolled-back round
             continue
-        cuts = []
+        cuts, stream = [], {}
         for name, cut in entry["sites"].items():
+            if cut["kind"] == "residual":  # keyed by the LayerNorm that starts the stream segment
+                stream[name] = cut["k"]
+                continue
             site, kind = sites[name], cut["kind"]
             modules = [name] if kind == "embedding" else list(site.consumers)
             producers = list(site.producers) if kind in WIDTH_KINDS else []
@@ -47,6 +51,9 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
             cuts.append(PlannedCut(name, site.role, kind, cut["d"], cut["k_spectrum"], cut["k"], 0, 0, modules,
                                    producers, shared, cut.get("heads", []), stored))
         round_map = Plan(cuts, {}).reduction_map()
-        apply_reduction_map(base, round_map)
+        if stream:
+            segments = stream_segments(base)
+            round_map.update(stream_entries(segments, [stream[s.norm] for s in segments]))
+        apply_reduction_map(base, round_map)  # the stream before the cuts planned on it, as the trainer made them
         reductions.update(round_map)
     return rmtkd_class_for(base).from_base(base, reductions).eval()

@@ -16,6 +16,7 @@ from transformers import DataCollatorWithPadding, TrainingArguments
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.bench import parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
+from hf_rmtkd.plan import DEFAULT_KINDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -216,12 +217,17 @@ def test_speed_breakdown_is_reported_under_the_text_benchmark(tmp_path):
     assert "eager x3.00 (60% of the FLOP ratio x5.00)" in text and "`torch.compile` x3.50 (70%)" in text
 
 
-def test_speed_breakdown_rebuilds_the_logged_shapes(bert):
+@pytest.mark.parametrize("kinds", [DEFAULT_KINDS, ("residual", *DEFAULT_KINDS)])
+def test_speed_breakdown_rebuilds_the_logged_shapes(bert, kinds):
     import hf_rmtkd
 
-    small = hf_rmtkd.compress(bert, [tiny_inputs("bert", seed=i) for i in range(4)], min_rank=2, progress=False)
-    log = [{"sites": {c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
-                      for c in small.rmtkd_plan.cuts}}]
+    small = hf_rmtkd.compress(bert, [tiny_inputs("bert", seed=i) for i in range(4)], kinds=kinds, min_rank=2,
+                              progress=False)
+    # The trainer logs a residual cut under the LayerNorm starting each stream segment (the last one writes full width).
+    stream = {norm: {"kind": "residual", "d": bert.config.hidden_size, "k": entry["width"] - 1, "k_spectrum": 0}
+              for norm, entry in small.config.reductions.items() if entry["kind"] == "residual" and entry["width"]}
+    log = [{"sites": {**stream, **{c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
+                                   for c in small.rmtkd_plan.cuts}}}]
     rebuilt = speed_breakdown.rmtkd_shaped_model(bert, log)
     assert rebuilt.config.reductions == small.config.reductions
     assert rebuilt.num_parameters() == small.num_parameters() < bert.num_parameters()

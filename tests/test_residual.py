@@ -161,3 +161,15 @@ def test_trainer_narrows_the_stream_in_the_first_round_and_the_result_reloads(tm
     with torch.no_grad():
         expected = trainer.model.eval()(**batch).logits
         torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_narrows_the_stream_then_cuts_inside(tmp_path):
+    model = tiny_model("bert")
+    small = hf_rmtkd.compress(model, calibration(), kinds=("residual", "ffn_width", "low_rank"), min_rank=2,
+                              progress=False)
+    kinds = {entry["kind"] for entry in small.config.reductions.values()}
+    assert "residual" in kinds and kinds - {"residual"}, kinds
+    small.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(small.eval()), atol=1e-6, rtol=1e-6)
+    assert small.num_parameters() < model.num_parameters()

@@ -12,6 +12,7 @@ from .calibration import SiteMeasurement, calibrate
 from .cut import apply_plan
 from .modeling.modeling_rmtkd import rmtkd_class_for
 from .plan import DEFAULT_KINDS, plan_reductions
+from .reductions.residual import cut_residual_stream
 from .report import SiteSpectrum, SpectralReport
 
 __all__ = ["analyze", "base_of", "compress", "to_report"]
@@ -121,7 +122,8 @@ def compress(
         targets: restrict to sites by role, glob or regex.
         kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``attention_heads``, ``embedding``).
             ``attention_heads`` drops heads only under a parameter target (`RMTKDTrainer`), so a one-shot cut keeps
-            every head that carries signal and factors the attention output instead.
+            every head that carries signal and factors the attention output instead. ``residual`` (BERT family)
+            first narrows the residual stream between every two LayerNorms (`reductions.residual`).
         min_rank: smallest rank / width installed.
         min_keep_ratio: smallest kept fraction k/d.
         ffn_method: ``"select"`` (whole neurons + least-squares refit, default) or ``"fold"``.
@@ -143,6 +145,11 @@ def compress(
     if not inplace:
         model = copy.deepcopy(model)
     base = base_of(model)
+    stream = {}
+    if "residual" in kinds:  # narrow the stream first, then measure and cut inside the narrowed layers
+        stream, _ = cut_residual_stream(base, data, estimator=estimator, quantile=quantile, edge=edge,
+                                        effective_samples=effective_samples, min_rank=min_rank, max_tokens=max_tokens,
+                                        batch_size=batch_size, collate_fn=collate_fn, progress=progress)
     measurements = calibrate(
         base, data, targets=targets, max_tokens=max_tokens, batch_size=batch_size, collate_fn=collate_fn,
         progress=progress, centre=centre, estimator=estimator, quantile=quantile, edge=edge,
@@ -150,7 +157,7 @@ def compress(
     )
     plan = plan_reductions(measurements, base, kinds=kinds, min_rank=min_rank, min_keep_ratio=min_keep_ratio,
                            vocabulary=vocabulary)
-    added = apply_plan(base, plan, measurements, ffn_method=ffn_method)
+    added = {**stream, **apply_plan(base, plan, measurements, ffn_method=ffn_method)}
     settings = dict(centre=centre, estimator=estimator, quantile=quantile, edge=edge,
                     effective_samples=effective_samples, max_tokens=max_tokens, min_rank=min_rank,
                     ffn_method=ffn_method)

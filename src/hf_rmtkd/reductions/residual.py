@@ -44,7 +44,7 @@ from ..modeling.layers_rmtkd import get_submodule, plan_residual, set_submodule
 from ..spectrum import count_outliers
 
 __all__ = ["POST_NORM_MODEL_TYPES", "StreamSegment", "cut_residual_stream", "narrow_residual_stream", "stream_bases",
-           "stream_segments", "stream_sites"]
+           "stream_entries", "stream_segments", "stream_sites"]
 
 # Post-LayerNorm encoders laid out as BERT (`embeddings.LayerNorm`, `encoder.layer.N.{attention.output,output}`).
 POST_NORM_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
@@ -96,6 +96,23 @@ def stream_sites(segments: list[StreamSegment]) -> list[Site]:
     """Calibration sites for every norm's input and output (`collect_statistics` measures them)."""
     norms = [segments[0].norm] + [s.closing_norm for s in segments]
     return [Site(f"{n}:{side}", n, side, "residual", i) for i, n in enumerate(norms) for side in ("input", "output")]
+
+
+def stream_entries(segments: list[StreamSegment], ranks: list[int]) -> dict[str, dict]:
+    """The reduction-map entries of a stream whose segments keep ``ranks`` directions (shapes only).
+
+    Example:
+        >>> entries = stream_entries(stream_segments(model), [120] * 12)  # doctest: +SKIP
+    """
+    norms = [segments[0].norm] + [s.closing_norm for s in segments]
+    entries = {}
+    for j, norm in enumerate(norms):
+        inside = j < len(segments)  # the last norm writes the full width for the heads
+        entries[norm] = {"kind": "residual", "input_width": None if j == 0 else ranks[j - 1] + 1,
+                         "width": ranks[j] + 1 if inside else None,
+                         "readers": list(segments[j].readers) if inside else [],
+                         "writers": list(segments[j].writers) if inside else []}
+    return entries
 
 
 def _centred_basis(eigenvectors: torch.Tensor, k: int) -> torch.Tensor:
@@ -154,12 +171,9 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
     mean = lambda name: statistics[name].mean()  # noqa: E731
     bases = [_centred_basis(vectors, k) for (_, vectors), k in zip(spectra, ranks)]
     means = [mean(f"{s.norm}:output") for s in segments]
-    entries = {}
+    entries = stream_entries(segments, ranks)
     for j, norm_path in enumerate(norms):
-        entry = {"kind": "residual", "input_width": None if j == 0 else ranks[j - 1] + 1,
-                 "width": ranks[j] + 1 if j < len(segments) else None,
-                 "readers": list(segments[j].readers) if j < len(segments) else [],
-                 "writers": list(segments[j].writers) if j < len(segments) else []}
+        entry = entries[norm_path]
         norm = get_submodule(model, norm_path)
         new = plan_residual(model, norm_path, entry)
         out_basis, out_mean = (bases[j], means[j]) if j < len(segments) else (torch.eye(d, dtype=torch.float64), 0.0)
@@ -191,7 +205,6 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
                                     **({"bias": bases[j].T @ old.bias.double()} if old.bias is not None else {})})
         for target, module in new.items():
             set_submodule(model, target, module)
-        entries[norm_path] = entry
     return entries
 
 
