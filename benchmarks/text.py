@@ -85,6 +85,7 @@ class TextBudget:
     baselines: tuple[str, ...]  # which matched baselines run (quick: the strongest of earlier runs only)
     compare_target_search: bool = False  # also run RMT-KD with target_search="quantile" (seed 0)
     compare_tuned_loss: bool = False  # also run RMT-KD and PCA energy with `TUNED_LOSS` (every seed)
+    compare_residual: bool = False  # also run RMT-KD with the opt-in `residual` kind (every seed)
     validation_examples: int = 500
     calibration_examples: int = 256
 
@@ -97,7 +98,7 @@ QUICK = TextBudget(test_examples=500, sites_per_round=64, steps_per_round=100, f
 FULL = TextBudget(test_examples=None, sites_per_round=64, steps_per_round=300, final_steps=300, tau_steps=150,
                   runs_b32=50, runs_b1=100, seeds=(0, 1, 2), teacher_train_examples=None, teacher_epochs=2.0,
                   baselines=("pca_energy", "svd_uniform", "layer_drop"), compare_target_search=True,
-                  compare_tuned_loss=True)
+                  compare_tuned_loss=True, compare_residual=True)
 TARGET_PARAMS = 0.2  # the user's goal in this benchmark: 80% fewer parameters (the target)
 LEARNING_RATE = 2e-4  # every distilled row; tried on the validation split only (one value: a one-shot cut recovered)
 # The round guard catches a broken cut, not the cost of an 80% cut: on the 500 validation snippets (standard error of a
@@ -216,8 +217,8 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
     rows = Rows(book, teacher, test=data["test"], collator=collator, inputs=inputs, seq_len=MAX_LENGTH,
                 runs_b32=budget.runs_b32, runs_b1=budget.runs_b1)
 
-    def rmtkd(seed, quantile=0.5, target=TARGET_PARAMS, target_search=None, loss=None):
-        return lambda: run_rmtkd(teacher, _rmtkd_args(budget, seed, quantile, target, target_search, loss),
+    def rmtkd(seed, quantile=0.5, target=TARGET_PARAMS, target_search=None, loss=None, kinds=None):
+        return lambda: run_rmtkd(teacher, _rmtkd_args(budget, seed, quantile, target, target_search, loss, kinds),
                                  train=train, validation=data["validation"], calibration=calibration,
                                  collator=collator)
 
@@ -298,6 +299,13 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
             suffix = "" if seed == first else f"_seed{seed}"
             rows.accuracy_only(f"rmtkd_tuned_loss{suffix}", rmtkd(seed, loss=TUNED_LOSS), rmtkd_extra)
             rows.accuracy_only(f"pca_energy_tuned_loss{suffix}", lambda seed=seed: pca(seed, TUNED_LOSS), pca_extra)
+    if budget.compare_residual:  # the residual stream narrowed to its outlier count before the cuts inside the layers
+        kinds = ["residual", *KINDS]
+        rows.timed("rmtkd_residual", rmtkd(first, kinds=kinds),
+                   f"RMTKDTrainer as the rmtkd row with reduction_kinds {kinds} (opt-in: the residual stream between "
+                   "every two LayerNorms narrowed to its outlier count first)")
+        for seed in budget.seeds[1:]:
+            rows.accuracy_only(f"rmtkd_residual_seed{seed}", rmtkd(seed, kinds=kinds))
 
     return {
         "benchmark": "minilm_rt",
