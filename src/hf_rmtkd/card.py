@@ -228,6 +228,7 @@ def build_model_card(
         metric_after=_number(metric_after, missing="not measured"),
         metric_change=_difference(metric_after, metric_before),
         sites=_site_rows(model, report, rmtkd_log),
+        stream=_stream_widths(model),
         report_file=_listed(directory, REPORT_NAME, report is not None),
         log_file=_listed(directory, LOG_NAME, bool(rmtkd_log)),
         images=_images(directory, image_dir, report),
@@ -253,6 +254,17 @@ def _hub_id(name: str | None) -> str | None:
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def _stream_widths(model) -> str | None:
+    """"d → k_min–k_max over N segments" when the ``residual`` kind narrowed the residual stream, else None."""
+    entries = [e for e in (getattr(model.config, "reductions", None) or {}).values() if e.get("kind") == "residual"]
+    kept = sorted(e["width"] - 1 for e in entries if e.get("width"))
+    if not kept:
+        return None
+    d = getattr(model.config, "hidden_size", None)
+    span = f"{kept[0]}" if kept[0] == kept[-1] else f"{kept[0]}–{kept[-1]}"
+    return f"{d} → {span} directions (plus the per-token mean) in each of its {len(kept)} segments"
 
 
 def _base_parameters(model: RMTKDPreTrainedModel) -> int:

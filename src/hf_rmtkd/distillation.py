@@ -13,8 +13,9 @@ Both terms are sums over the real items of a batch (examples, or tokens that car
 gradients of the micro-batches add up to exactly the gradient of the whole batch; otherwise the item count of this
 batch. This is how transformers normalises its own token-level losses.
 
-An optional feature term (not in the paper, off by default) adds ``β · hidden_state_loss``: RMT-KD never narrows the
-residual stream, so every hidden state of the student has the teacher's shape and can be matched one to one.
+An optional feature term (not in the paper, off by default) adds ``β · hidden_state_loss``: the default kinds never
+narrow the residual stream, so every hidden state of the student has the teacher's shape and can be matched one to
+one (with the ``residual`` kind they cannot, and the arguments refuse the term).
 Another (also off by default) adds the teacher term on a copy of each text batch with some tokens masked
 (`mask_tokens`): inputs the data does not hold, labelled by the teacher, in the spirit of TinyBERT's augmentation.
 """
