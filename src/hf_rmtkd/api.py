@@ -12,7 +12,7 @@ from .calibration import SiteMeasurement, calibrate
 from .cut import apply_plan
 from .modeling.modeling_rmtkd import rmtkd_class_for
 from .plan import DEFAULT_KINDS, plan_reductions
-from .reductions.residual import cut_residual_stream
+from .reductions import cut_residual_stream
 from .report import SiteSpectrum, SpectralReport
 
 __all__ = ["analyze", "base_of", "compress", "to_report"]

@@ -41,8 +41,7 @@ from .distillation import distillation_loss, hidden_state_loss, mask_tokenizer, 
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import Plan, keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
-from .reductions import token_ids_used
-from .reductions.residual import cut_residual_stream
+from .reductions import cut_residual_stream, token_ids_used
 from .training_args import RMTKDTrainingArguments
 from .utils import tokenizer_with, write_text_atomic
 

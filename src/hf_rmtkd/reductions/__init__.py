@@ -11,6 +11,10 @@
 - ``parameter_savings(model, path, entry)``: exact parameters removed by the entry (negative: the cut costs
   parameters, so the planner should skip it).
 
+``residual`` is the one kind that is not cut site by site: it narrows the whole residual stream of a post-LayerNorm
+encoder, so `cut_residual_stream` runs before the per-site plan (in `RMTKDTrainer`'s first round and in `compress`)
+and the kind has no ``REDUCTIONS`` entry.
+
 The module classes and shape-only builders live in ``hf_rmtkd.modeling.layers_rmtkd`` because checkpoints carry
 only the ``modeling`` files.
 """
@@ -27,6 +31,7 @@ from .attention_heads import apply_attention_heads, head_signal, heads_holding
 from .embedding import apply_embedding, embedding_parameters, token_ids_used
 from .ffn_width import apply_ffn_width, reconstruction_map, select_neurons
 from .low_rank import apply_low_rank, low_rank_parameters, low_rank_pays
+from .residual import cut_residual_stream, narrow_residual_stream
 
 
 def parameter_savings(model: nn.Module, path: str, entry: dict) -> int:
@@ -106,11 +111,13 @@ __all__ = [
     "apply_embedding",
     "apply_ffn_width",
     "apply_low_rank",
+    "cut_residual_stream",
     "embedding_parameters",
     "head_signal",
     "heads_holding",
     "low_rank_parameters",
     "low_rank_pays",
+    "narrow_residual_stream",
     "parameter_savings",
     "reconstruction_map",
     "select_neurons",
