@@ -7,7 +7,7 @@ teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is No
      "rmtkd": {"accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio"},
      "baselines": {"<name>": {"accuracy", "params"}}}
 
-``results/speed_breakdown.json`` and ``results/memory_probe.json``, when present, add their findings to the section.
+``results/speed_breakdown*.json`` and ``results/memory_probe.json``, when present, add their findings to the section.
 Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything from the result files.
 """
 
@@ -307,21 +307,31 @@ def _partial_section(name: str, rows: dict[str, dict]) -> list[str]:
 
 def _breakdown_lines(breakdown: dict) -> list[str]:
     """Where the batch-32 time of teacher and RMT-KD model goes (from `speed_breakdown.py`), and the compiled ratio."""
-    lines = ["Where the batch-32 time goes (`benchmarks/speed_breakdown.py`: self CPU time per forward pass, eager, "
-             f"by kind of operator; {breakdown['input']}):", ""]
+    row = breakdown.get("row", "rmtkd")
+    lines = [f"Where the batch-32 time goes, row `{row}` (`benchmarks/speed_breakdown.py --row {row}`: self CPU time "
+             f"per forward pass, eager, by kind of operator; {breakdown['input']}):", ""]
     for model, times in breakdown["self_cpu_ms_per_forward_eager"].items():
         total = sum(times.values())
         shares = ", ".join(f"{kind} {ms / total:.0%}" for kind, ms in times.items() if ms / total >= 0.01)
         lines.append(f"- {model}: {total:.0f} ms — {shares}")
     eager, compiled = breakdown["eager"], breakdown["compiled"]
-    lines += [f"- speed-up, same process, alternating: eager x{eager['speedup']:.2f} "
+    lines += [f"- speed-up, same process, alternating: eager x{eager['speedup']:.2f}{_blocks(eager)} "
               f"({eager['share_of_flop_ceiling']:.0%} of the FLOP ratio x{breakdown['flop_ratio']:.2f}); both models "
               f"under `torch.compile` x{compiled['speedup']:.2f} ({compiled['share_of_flop_ceiling']:.0%}).", ""]
     return lines
 
 
+def _blocks(eager: dict) -> str:
+    """", the median of N blocks of R rounds (range a–b)" when the eager comparison was repeated, else ""."""
+    speedups = eager.get("speedups") or []
+    if len(speedups) < 2:
+        return ""
+    return (f", the median of {len(speedups)} blocks of {eager['runs_per_block']} rounds "
+            f"(range x{min(speedups):.2f}–x{max(speedups):.2f})")
+
+
 def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
-             breakdown: dict | None = None, probe: dict | None = None) -> str:
+             breakdowns: list[dict] | None = None, probe: dict | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -361,8 +371,9 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}"
                   for goal, met, value in targets(name, result, probed)]
         lines.append("")
-        if name == "minilm_rt" and breakdown:
-            lines += _breakdown_lines(breakdown)
+        if name == "minilm_rt":
+            for breakdown in breakdowns or []:
+                lines += _breakdown_lines(breakdown)
     if probe and probe.get("benchmarks"):
         lines += _probe_lines(probe)
     for name, rows in (partial or {}).items():
@@ -402,11 +413,11 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     validate_summary(summary)
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(results, results_dir / "frontier.png")
-    breakdown_file = results_dir / "speed_breakdown.json"
-    breakdown = json.loads(breakdown_file.read_text()) if breakdown_file.exists() else None
+    # speed_breakdown.json (the rmtkd row) first, then speed_breakdown_<row>.json for other rows.
+    breakdowns = [json.loads(path.read_text()) for path in sorted(results_dir.glob("speed_breakdown*.json"))]
     probe_file = results_dir / "memory_probe.json"
     probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
-    section = _section(results, partial, breakdown, probe)
+    section = _section(results, partial, breakdowns, probe)
     if readme is None:
         print(section)
     else:
