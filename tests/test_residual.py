@@ -173,3 +173,12 @@ def test_compress_narrows_the_stream_then_cuts_inside(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(reloaded), logits(small.eval()), atol=1e-6, rtol=1e-6)
     assert small.num_parameters() < model.num_parameters()
+
+
+def test_a_narrow_stream_runs_under_bf16_autocast():
+    _, model, _ = narrowed("bert", lambda n: [12] * n)
+    reference = logits(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = logits(model)
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), reference, atol=0.1, rtol=0.05)

@@ -289,11 +289,12 @@ class ReducedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., input_width) -> (..., output_width)
         if self.full_input:
             x = x - x.mean(-1, keepdim=True)
-            squared = x.square().sum(-1, keepdim=True)
+            squared = x.float().square().sum(-1, keepdim=True)
         else:
             x = x[..., :-1] + self.shift
-            squared = x.square().sum(-1, keepdim=True) + self.outside_variance
-        scale = torch.rsqrt(squared / self.hidden_size + self.eps)
+            squared = x.float().square().sum(-1, keepdim=True) + self.outside_variance.float()
+        # The variance in float32 whatever the compute dtype, as LayerNorm does under autocast.
+        scale = torch.rsqrt(squared / self.hidden_size + self.eps).to(x.dtype)
         return (nn.functional.linear(x, self.weight) + self.offset) * scale + self.bias
 
     def extra_repr(self) -> str:
