@@ -27,7 +27,8 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
         teacher: the uncompressed model the run started from (left unchanged).
         log: the run's round log (`RMTKDTrainer.rmtkd_log`, the ``log`` of a result's ``rmtkd`` row): per round,
             ``sites`` maps a site name to its cut (``kind``, ``d``, ``k``, ``k_spectrum``, optionally ``heads`` and
-            ``rows``; a ``residual`` cut is keyed by the LayerNorm starting its stream segment). Rounds logged with ``accepted: False`` were rolled back by the trainer and are skipped.
+            ``rows``; a ``residual`` cut is keyed by the LayerNorm starting its stream segment). Rounds logged with
+            ``accepted: False`` were rolled back by the trainer and are skipped.
 
     Returns:
         The RMTKD model, in eval mode, with the shapes the run ended with.

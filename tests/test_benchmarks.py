@@ -239,7 +239,7 @@ def test_speed_breakdown_rebuilds_the_logged_shapes(bert, kinds):
 
     small = hf_rmtkd.compress(bert, [tiny_inputs("bert", seed=i) for i in range(4)], kinds=kinds, min_rank=2,
                               progress=False)
-    # The trainer logs a residual cut under the LayerNorm starting each stream segment (the last one writes full width).
+    # The trainer logs a residual cut under the LayerNorm starting each segment (the last one writes full width).
     stream = {norm: {"kind": "residual", "d": bert.config.hidden_size, "k": entry["width"] - 1, "k_spectrum": 0}
               for norm, entry in small.config.reductions.items() if entry["kind"] == "residual" and entry["width"]}
     log = [{"sites": {**stream, **{c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}

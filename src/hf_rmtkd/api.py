@@ -122,8 +122,9 @@ def compress(
         targets: restrict to sites by role, glob or regex.
         kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``attention_heads``, ``embedding``).
             ``attention_heads`` drops heads only under a parameter target (`RMTKDTrainer`), so a one-shot cut keeps
-            every head that carries signal and factors the attention output instead. ``residual`` (BERT family)
-            first narrows the residual stream between every two LayerNorms (`reductions.residual`).
+            every head that carries signal and factors the attention output instead. ``residual``
+            (post-LayerNorm encoders) first narrows the residual stream between every two LayerNorms
+            (`reductions.residual`).
         min_rank: smallest rank / width installed.
         min_keep_ratio: smallest kept fraction k/d.
         ffn_method: ``"select"`` (whole neurons + least-squares refit, default) or ``"fold"``.

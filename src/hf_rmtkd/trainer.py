@@ -278,7 +278,8 @@ class RMTKDTrainer(Trainer):
 
     def _stream_cut_due(self, excluded: set[str]) -> bool:
         """Narrow the residual stream now: enabled, not rolled back before, and the model has no cut yet."""
-        return "residual" in self.args.reduction_kinds and "residual" not in excluded and base_of(self.model) is self.model
+        enabled = "residual" in self.args.reduction_kinds and "residual" not in excluded
+        return enabled and base_of(self.model) is self.model
 
     def _narrow_stream(self) -> tuple[dict, dict]:
         """Cut the residual stream of the (uncut) model to its outlier counts; the map entries and the round log's."""
@@ -291,7 +292,8 @@ class RMTKDTrainer(Trainer):
 
     def _cut(self, plan, measurements, stream_entries: dict | None = None) -> None:
         base = base_of(self.model)
-        added = {**(stream_entries or {}), **apply_plan(base, plan, measurements, ffn_method=self.args.ffn_width_method)}
+        inside = apply_plan(base, plan, measurements, ffn_method=self.args.ffn_width_method)
+        added = {**(stream_entries or {}), **inside}
         summary = to_report(measurements, self._spectrum_settings()).summary()
         if base is self.model:
             self.model = rmtkd_class_for(base).from_base(base, added, spectral_summary=summary)

@@ -486,14 +486,16 @@ def plan_residual(model: nn.Module, path: str, entry: dict, device=None) -> dict
     """Shape-only replacements for a ``residual`` entry: the LayerNorm at ``path``, its readers and the writers."""
     norm = get_submodule(model, path)
     if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        raise ModulePathError(f"residual cannot reduce '{path}': it is a {type(norm).__name__}, not a 1-d nn.LayerNorm.")
+        raise ModulePathError(
+            f"residual cannot reduce '{path}': it is a {type(norm).__name__}, not a 1-d nn.LayerNorm.")
     d = norm.normalized_shape[0]
     widths = {}
     for field in ("input_width", "width"):
         value = entry.get(field)
         widths[field] = d if value is None else _check_rank(path, value, d, f"'{field}'")
-    plan = {path: ReducedLayerNorm(d, widths["input_width"], widths["width"], full_input=entry.get("input_width") is None,
-                                   eps=norm.eps, **_factory(norm, device))}
+    full_input = entry.get("input_width") is None
+    plan = {path: ReducedLayerNorm(d, widths["input_width"], widths["width"], full_input=full_input, eps=norm.eps,
+                                   **_factory(norm, device))}
     for reader in entry.get("readers", []):
         module = get_submodule(model, reader)
         if consumer_width(reader, module) != d:

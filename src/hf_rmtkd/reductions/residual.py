@@ -1,6 +1,7 @@
-"""``residual``: narrow the residual stream of a post-LayerNorm transformer (BERT family) to its signal directions.
+"""``residual``: narrow the residual stream of a post-LayerNorm encoder to its signal directions.
 
-Every Linear of a transformer reads or writes the residual stream, so its width d sits on one side of every weight
+Post-LayerNorm encoders: BERT, RoBERTa, XLM-R, CamemBERT and DistilBERT (`POST_NORM_LAYOUTS`). Every Linear of a
+transformer reads or writes the residual stream, so its width d sits on one side of every weight
 matrix, and every LayerNorm, GELU input and residual add runs at that width. On MiniLM-L6 fine-tuned on Rotten
 Tomatoes, the calibration spectra of the stream keep 120–146 of 384 directions above the Marchenko–Pastur edge.
 
@@ -43,11 +44,36 @@ from ..calibration import collect_statistics
 from ..modeling.layers_rmtkd import get_submodule, plan_residual, set_submodule
 from ..spectrum import count_outliers
 
-__all__ = ["POST_NORM_MODEL_TYPES", "StreamSegment", "cut_residual_stream", "narrow_residual_stream", "stream_bases",
-           "stream_entries", "stream_segments", "stream_sites"]
+__all__ = ["POST_NORM_LAYOUTS", "POST_NORM_MODEL_TYPES", "PostNormLayout", "StreamSegment", "cut_residual_stream",
+           "narrow_residual_stream", "stream_bases", "stream_entries", "stream_segments", "stream_sites"]
 
-# Post-LayerNorm encoders laid out as BERT (`embeddings.LayerNorm`, `encoder.layer.N.{attention.output,output}`).
-POST_NORM_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+@dataclass(frozen=True)
+class PostNormLayout:
+    """Where a post-LayerNorm encoder keeps its norms and the Linears around them (paths relative to the model's
+    embeddings' parent, ``{i}`` the layer index)."""
+
+    layers: str  # the repeated blocks, e.g. "encoder.layer"
+    attention_norm: str
+    output_norm: str
+    qkv: tuple[str, str, str]
+    attention_writer: str
+    ffn_reader: str
+    ffn_writer: str
+
+
+_BERT_LAYOUT = PostNormLayout("encoder.layer", "attention.output.LayerNorm", "output.LayerNorm",
+                              ("attention.self.query", "attention.self.key", "attention.self.value"),
+                              "attention.output.dense", "intermediate.dense", "output.dense")
+POST_NORM_LAYOUTS = {
+    "bert": _BERT_LAYOUT,
+    "roberta": _BERT_LAYOUT,
+    "xlm-roberta": _BERT_LAYOUT,
+    "camembert": _BERT_LAYOUT,
+    "distilbert": PostNormLayout("transformer.layer", "sa_layer_norm", "output_layer_norm",
+                                 ("attention.q_lin", "attention.k_lin", "attention.v_lin"), "attention.out_lin",
+                                 "ffn.lin1", "ffn.lin2"),
+}
+POST_NORM_MODEL_TYPES = tuple(POST_NORM_LAYOUTS)
 
 
 @dataclass(frozen=True)
@@ -61,33 +87,34 @@ class StreamSegment:
 
 
 def stream_segments(model: nn.Module) -> list[StreamSegment]:
-    """The residual-stream segments of a BERT-family encoder, in depth order.
+    """The residual-stream segments of a post-LayerNorm encoder (`POST_NORM_LAYOUTS`), in depth order.
 
     Raises:
-        ValueError: the model is not a post-LayerNorm encoder laid out as BERT.
+        ValueError: the model is not one of those encoders.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = dict(model.named_modules())
     embedding_norms = [n for n in names if n == "embeddings.LayerNorm" or n.endswith(".embeddings.LayerNorm")]
-    if model_type not in POST_NORM_MODEL_TYPES or len(embedding_norms) != 1:
+    if model_type not in POST_NORM_LAYOUTS or len(embedding_norms) != 1:
         raise ValueError(
-            f"The residual kind narrows post-LayerNorm encoders laid out as BERT (model types "
-            f"{list(POST_NORM_MODEL_TYPES)}); {type(model).__name__} has model_type {model_type!r}. Leave 'residual' "
-            "out of reduction_kinds for this model."
+            f"The residual kind narrows post-LayerNorm encoders (model types {list(POST_NORM_MODEL_TYPES)}); "
+            f"{type(model).__name__} has model_type {model_type!r}. Leave 'residual' out of reduction_kinds for this "
+            "model."
         )
+    layout = POST_NORM_LAYOUTS[model_type]
     prefix = embedding_norms[0][: -len("embeddings.LayerNorm")]
-    layer = lambda i, name: f"{prefix}encoder.layer.{i}.{name}"  # noqa: E731
+    layer = lambda i, name: f"{prefix}{layout.layers}.{i}.{name}"  # noqa: E731
     depth = 0
-    while f"{prefix}encoder.layer.{depth}" in names:
+    while f"{prefix}{layout.layers}.{depth}" in names:
         depth += 1
-    qkv = lambda i: tuple(layer(i, f"attention.self.{p}") for p in ("query", "key", "value"))  # noqa: E731
     segments = []
     norm = embedding_norms[0]
     for i in range(depth):
-        attention_norm, output_norm = layer(i, "attention.output.LayerNorm"), layer(i, "output.LayerNorm")
-        segments.append(StreamSegment(norm, attention_norm, qkv(i), (layer(i, "attention.output.dense"),)))
-        segments.append(StreamSegment(attention_norm, output_norm, (layer(i, "intermediate.dense"),),
-                                      (layer(i, "output.dense"),)))
+        attention_norm, output_norm = layer(i, layout.attention_norm), layer(i, layout.output_norm)
+        segments.append(StreamSegment(norm, attention_norm, tuple(layer(i, p) for p in layout.qkv),
+                                      (layer(i, layout.attention_writer),)))
+        segments.append(StreamSegment(attention_norm, output_norm, (layer(i, layout.ffn_reader),),
+                                      (layer(i, layout.ffn_writer),)))
         norm = output_norm
     return segments
 
@@ -132,7 +159,8 @@ def stream_bases(statistics: dict, segments: list[StreamSegment]) -> list[tuple[
     """
     spectra = []
     for segment in segments:
-        joint = (statistics[f"{segment.norm}:output"].covariance() + statistics[f"{segment.closing_norm}:input"].covariance()) / 2
+        joint = (statistics[f"{segment.norm}:output"].covariance()
+                 + statistics[f"{segment.closing_norm}:input"].covariance()) / 2
         d = joint.shape[0]
         centring = torch.eye(d, dtype=joint.dtype) - 1.0 / d
         eigenvalues, eigenvectors = torch.linalg.eigh(centring @ joint @ centring)
@@ -146,8 +174,8 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
     """Cut every residual-stream segment of ``model`` (in place) to its rank; return the reduction-map entries.
 
     Args:
-        model: a BERT-family model whose stream Linears are still plain ``nn.Linear`` (narrow the stream first, then
-            cut inside the layers).
+        model: a post-LayerNorm encoder (`POST_NORM_LAYOUTS`) whose stream Linears are still plain ``nn.Linear``
+            (narrow the stream first, then cut inside the layers).
         statistics: ``{site name: CovarianceAccumulator}`` for the `stream_sites` of ``model``.
         ranks: k per segment (in `stream_segments` order), each in [1, d − 1].
         spectra: `stream_bases` of these statistics, if already computed.
@@ -163,13 +191,14 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
     d = get_submodule(model, norms[0]).normalized_shape[0]
     for j, k in enumerate(ranks):
         if not (isinstance(k, int) and 1 <= k <= d - 1):
-            raise ValueError(f"residual rank of the stream after '{norms[j]}' must be an int in [1, {d - 1}], got {k!r}.")
+            raise ValueError(
+                f"residual rank of the stream after '{norms[j]}' must be an int in [1, {d - 1}], got {k!r}.")
     for path in (p for s in segments for p in (*s.readers, *s.writers)):
         if type(get_submodule(model, path)) is not nn.Linear:
             raise ValueError(f"residual: '{path}' is a {type(get_submodule(model, path)).__name__}; narrow the "
                              "residual stream before any other cut touches its Linears.")
     mean = lambda name: statistics[name].mean()  # noqa: E731
-    bases = [_centred_basis(vectors, k) for (_, vectors), k in zip(spectra, ranks)]
+    bases = [_centred_basis(vectors, k) for (_, vectors), k in zip(spectra, ranks, strict=True)]
     means = [mean(f"{s.norm}:output") for s in segments]
     entries = stream_entries(segments, ranks)
     for j, norm_path in enumerate(norms):
@@ -225,7 +254,7 @@ def cut_residual_stream(model: nn.Module, data, *, estimator: str = "mp_fit", qu
     given σ² estimator, τ and edge), at least ``min_rank`` and at most d − 1.
 
     Args:
-        model: a BERT-family model with no other cut yet (see `stream_segments`).
+        model: a post-LayerNorm encoder with no other cut yet (see `stream_segments`).
         data: calibration batches, as for `collect_statistics`.
         estimator, quantile, edge, effective_samples: the spectrum settings (as for every other site).
         min_rank: the fewest directions a segment keeps.
@@ -248,5 +277,6 @@ def cut_residual_stream(model: nn.Module, data, *, estimator: str = "mp_fit", qu
     counts = [count_outliers(values, n, estimator=estimator, quantile=quantile, edge=edge).k for values, _ in spectra]
     ranks = [min(d - 1, max(k, min_rank)) for k in counts]
     entries = narrow_residual_stream(model, statistics.accumulators, ranks, spectra)
-    sites = {s.norm: {"kind": "residual", "d": d, "k": r, "k_spectrum": k} for s, r, k in zip(segments, ranks, counts)}
+    sites = {segment.norm: {"kind": "residual", "d": d, "k": rank, "k_spectrum": k}
+             for segment, rank, k in zip(segments, ranks, counts, strict=True)}
     return entries, sites
