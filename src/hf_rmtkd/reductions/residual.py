@@ -197,6 +197,9 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
         if type(get_submodule(model, path)) is not nn.Linear:
             raise ValueError(f"residual: '{path}' is a {type(get_submodule(model, path)).__name__}; narrow the "
                              "residual stream before any other cut touches its Linears.")
+    for path in (p for s in segments for p in s.readers):
+        if get_submodule(model, path).bias is None:  # W μ has nowhere to go
+            raise ValueError(f"residual: reader '{path}' has no bias to absorb the stream's mean.")
     mean = lambda name: statistics[name].mean()  # noqa: E731
     bases = [_centred_basis(vectors, k) for (_, vectors), k in zip(spectra, ranks, strict=True)]
     means = [mean(f"{s.norm}:output") for s in segments]
@@ -226,8 +229,7 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
             for reader in segments[j].readers:
                 old = get_submodule(model, reader)
                 W = old.weight.double()
-                bias = old.bias.double() if old.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
-                _load(new[reader], {"weight": W @ bases[j], "bias": bias + W @ means[j]})
+                _load(new[reader], {"weight": W @ bases[j], "bias": old.bias.double() + W @ means[j]})
             for writer in segments[j].writers:
                 old = get_submodule(model, writer)
                 _load(new[writer], {"weight": bases[j].T @ old.weight.double(),
