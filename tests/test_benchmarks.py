@@ -200,35 +200,35 @@ def test_quick_regenerate_prints_its_table_and_leaves_the_readme(tmp_path, capsy
     assert (quick / "summary.json").exists() and not (tmp_path / "summary.json").exists()
 
 
-def test_speed_breakdown_is_reported_under_the_text_benchmark(tmp_path):
+def readme_with_breakdown(tmp_path, file_name: str, breakdown: dict) -> str:
+    """The README section `report.regenerate` writes for a synthetic text result plus one speed breakdown file."""
     (tmp_path / "minilm_rt.json").write_text(json.dumps(_synthetic_result()))
+    (tmp_path / file_name).write_text(json.dumps(breakdown))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.regenerate(tmp_path, readme)
+    return readme.read_text()
+
+
+def test_speed_breakdown_is_reported_under_the_text_benchmark(tmp_path):
     breakdown = {"input": "batch 32 x 64", "flop_ratio": 5.0,
                  "eager": {"speedup": 3.0, "share_of_flop_ceiling": 0.6},
                  "compiled": {"speedup": 3.5, "share_of_flop_ceiling": 0.7},
                  "self_cpu_ms_per_forward_eager": {"teacher": {"matrix products (Linear)": 80.0, "LayerNorm": 20.0},
                                                    "rmtkd": {"matrix products (Linear)": 15.0, "LayerNorm": 20.0}}}
-    (tmp_path / "speed_breakdown.json").write_text(json.dumps(breakdown))
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n")
-    report.regenerate(tmp_path, readme)
-    text = readme.read_text()
+    text = readme_with_breakdown(tmp_path, "speed_breakdown.json", breakdown)
     assert "- teacher: 100 ms — matrix products (Linear) 80%, LayerNorm 20%" in text
     assert "- rmtkd: 35 ms — matrix products (Linear) 43%, LayerNorm 57%" in text
     assert "eager x3.00 (60% of the FLOP ratio x5.00)" in text and "`torch.compile` x3.50 (70%)" in text
 
 
 def test_a_repeated_breakdown_of_another_row_reports_its_blocks(tmp_path):
-    (tmp_path / "minilm_rt.json").write_text(json.dumps(_synthetic_result()))
     breakdown = {"row": "rmtkd_residual", "input": "batch 32 x 64", "flop_ratio": 8.0,
                  "eager": {"speedup": 4.0, "share_of_flop_ceiling": 0.5, "speedups": [3.8, 4.0, 4.4],
                            "runs_per_block": 30},
                  "compiled": {"speedup": 4.4, "share_of_flop_ceiling": 0.55},
                  "self_cpu_ms_per_forward_eager": {"teacher": {"LayerNorm": 10.0}, "rmtkd": {"LayerNorm": 5.0}}}
-    (tmp_path / "speed_breakdown_rmtkd_residual.json").write_text(json.dumps(breakdown))
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n")
-    report.regenerate(tmp_path, readme)
-    text = readme.read_text()
+    text = readme_with_breakdown(tmp_path, "speed_breakdown_rmtkd_residual.json", breakdown)
     assert "row `rmtkd_residual` (`benchmarks/speed_breakdown.py --row rmtkd_residual`" in text
     assert "eager x4.00, the median of 3 blocks of 30 rounds (range x3.80–x4.40) (50% of the FLOP ratio x8.00)" in text
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_checkpoints import NO_PLUGIN_SCRIPT
-from test_trainer import common_args, teacher_for
+from test_trainer import assert_reloads_the_same, common_args, teacher_for
 from tiny_models import tiny_inputs, tiny_model
 from transformers import AutoModelForSequenceClassification
 
@@ -157,12 +157,7 @@ def test_trainer_narrows_the_stream_in_the_first_round_and_the_result_reloads(tm
     kinds = {site["kind"] for site in entry["sites"].values()}
     assert "residual" in kinds and entry["accepted"], entry
     assert trainer.model.num_parameters() <= round(0.25 * entry["params_before"])
-    trainer.save_model(str(tmp_path / "final"))
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
-    batch = {k: torch.tensor(v) for k, v in test[:8].items() if k != "labels"}
-    with torch.no_grad():
-        expected = trainer.model.eval()(**batch).logits
-        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert_reloads_the_same(trainer, tmp_path / "final", test)
 
 
 def test_compress_narrows_the_stream_then_cuts_inside(tmp_path):

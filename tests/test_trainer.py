@@ -78,6 +78,16 @@ def teacher_for(case, tmp_path):
     return model, train, task(256, 1), metrics
 
 
+def assert_reloads_the_same(trainer, directory, test, auto_class=AutoModelForSequenceClassification):
+    """The trainer's saved model reloads with ``from_pretrained`` and predicts what the trained model predicts."""
+    trainer.save_model(str(directory))
+    reloaded = auto_class.from_pretrained(directory).eval()
+    batch = {k: torch.tensor(v) for k, v in test[:8].items() if k != "labels"}
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_trainer_compresses_within_allowed_drop_and_reloads(case, tmp_path):
     teacher, train, test, metrics = teacher_for(case, tmp_path)
@@ -98,13 +108,7 @@ def test_trainer_compresses_within_allowed_drop_and_reloads(case, tmp_path):
     assert final == accepted[-1]["params"] < original
     for entry in log:
         assert entry["metric_drop"] <= args.max_metric_drop or not entry["accepted"]
-    # The saved result reloads with from_pretrained and predicts the same.
-    trainer.save_model(str(tmp_path / "final"))
-    reloaded = CASES[case][3].from_pretrained(tmp_path / "final").eval()
-    batch = {k: torch.tensor(v) for k, v in test[:8].items() if k != "labels"}
-    with torch.no_grad():
-        expected = trainer.model.eval()(**batch).logits
-        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert_reloads_the_same(trainer, tmp_path / "final", test, CASES[case][3])
 
 
 def test_bf16_autocast_and_gradient_accumulation(tmp_path):
@@ -139,11 +143,7 @@ def test_peft_model_is_merged_and_lora_recovery_merges_back(tmp_path):
     assert trainer.rmtkd_log[0]["accepted"]
     names = [name for name, _ in trainer.model.named_modules()]
     assert not any("lora" in name for name in names)  # the recovery adapters were merged back
-    trainer.save_model(str(tmp_path / "final"))
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
-    batch = {k: torch.tensor(v) for k, v in test[:4].items() if k != "labels"}
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**batch).logits, trainer.model.eval()(**batch).logits)
+    assert_reloads_the_same(trainer, tmp_path / "final", test)
 
 
 @pytest.mark.parametrize("search", ["signal_fraction", "quantile", "none"])
@@ -183,12 +183,7 @@ def test_attention_heads_kind_drops_heads_under_a_target_and_the_result_reloads(
     for entry in heads.values():
         assert 1 <= len(entry["heads"]) < n_heads and entry["width"] == len(entry["heads"]) * entry["head_dim"]
     assert trainer.model.num_parameters() <= round(0.25 * trainer.rmtkd_log[0]["params_before"])
-    trainer.save_model(str(tmp_path / "final"))
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
-    batch = {k: torch.tensor(v) for k, v in test[:8].items() if k != "labels"}
-    with torch.no_grad():
-        expected = trainer.model.eval()(**batch).logits
-        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert_reloads_the_same(trainer, tmp_path / "final", test)
 
 
 def _calibrated_tiny_bert():
