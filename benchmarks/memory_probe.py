@@ -21,7 +21,7 @@ weights) and the RMT-KD model rebuilt from the shapes the ``rmtkd`` row's round 
 text sequence (no padding), random 1x28x28 images for the ResNet.
 
 Usage (after the benchmarks have written ``results/minilm_rt.json`` / ``results/resnet_mnist.json``):
-    python benchmarks/memory_probe.py [--processes 5] [--only minilm_rt resnet_mnist] [--threads 2]
+    python benchmarks/memory_probe.py [--processes 5] [--only minilm_rt resnet_mnist] [--threads 2] [--row rmtkd]
 Writes ``results/memory_probe.json`` (with ``--only``, the other benchmarks' entries already there are kept); then
 ``python benchmarks/run.py --report-only`` puts its table into the README.
 """
@@ -190,16 +190,17 @@ def rss_peaks(checkpoints: dict[str, str], batch: dict, processes: int) -> dict[
     return runs
 
 
-def probe(name: str, processes: int) -> dict:
-    """Both measures for one benchmark's teacher and RMT-KD model at every batch size in `BATCH_SIZES`."""
-    row = json.loads((RESULTS / f"{name}.json").read_text())["rows"]["rmtkd"]
+def probe(name: str, processes: int, row_name: str = "rmtkd") -> dict:
+    """Both measures for one benchmark's teacher and RMT-KD model (the shapes of row ``row_name``) at every batch
+    size in `BATCH_SIZES`."""
+    row = json.loads((RESULTS / f"{name}.json").read_text())["rows"][row_name]
     teacher, source, inputs, description = MODELS[name]()
     rmtkd = rmtkd_shaped_model(teacher, row["log"])
     if rmtkd.num_parameters() != row["params"]:
         raise RuntimeError(f"{name}: the rebuilt RMT-KD model has {rmtkd.num_parameters():,} parameters, the "
                            f"row {row['params']:,}: the logged shapes do not rebuild it")
     params = {"teacher": teacher.num_parameters(), "rmtkd": rmtkd.num_parameters()}
-    entry = {"teacher": source, "rmtkd": "rebuilt from the rmtkd row's round log, fresh weights",
+    entry = {"teacher": source, "rmtkd": f"rebuilt from the {row_name} row's round log, fresh weights",
              "input": description, "params": params, "param_ratio": params["rmtkd"] / params["teacher"],
              "batches": {}}
     with tempfile.TemporaryDirectory() as teacher_dir, tempfile.TemporaryDirectory() as rmtkd_dir:
@@ -229,6 +230,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=5, help="fresh processes per model and batch (RSS)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="probe only these benchmarks")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, here and in the processes")
+    parser.add_argument("--row", default="rmtkd",
+                        help="the result row whose shapes are rebuilt; another row than rmtkd is stored as "
+                        "'<benchmark> (<row>)'")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)  # `inference_peak_mb` passes this process's thread count on
 
@@ -243,8 +247,9 @@ def main() -> None:
         if not (RESULTS / f"{name}.json").exists():
             print(f"[{name}] no results/{name}.json: skipped", flush=True)
             continue
-        benchmarks[name] = {"command": command, "processes": options.processes, "threads": options.threads,
-                            **probe(name, options.processes)}
+        key = name if options.row == "rmtkd" else f"{name} ({options.row})"
+        benchmarks[key] = {"command": command, "processes": options.processes, "threads": options.threads,
+                           **probe(name, options.processes, options.row)}
     report = {
         "environment": environment([], script="memory_probe.py"),
         "command": command,
