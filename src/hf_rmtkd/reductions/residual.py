@@ -45,7 +45,9 @@ from ..modeling.layers_rmtkd import get_submodule, plan_residual, set_submodule
 from ..spectrum import count_outliers
 
 __all__ = ["POST_NORM_LAYOUTS", "POST_NORM_MODEL_TYPES", "PostNormLayout", "StreamSegment", "cut_residual_stream",
-           "narrow_residual_stream", "stream_bases", "stream_entries", "stream_segments", "stream_sites"]
+           "narrow_residual_stream", "stream_bases", "stream_entries", "stream_norms", "stream_segments",
+           "stream_sites"]
+
 
 @dataclass(frozen=True)
 class PostNormLayout:
@@ -119,9 +121,14 @@ def stream_segments(model: nn.Module) -> list[StreamSegment]:
     return segments
 
 
+def stream_norms(segments: list[StreamSegment]) -> list[str]:
+    """Every LayerNorm of the stream in depth order: each segment's opening norm, then the last closing one."""
+    return [segments[0].norm] + [s.closing_norm for s in segments]
+
+
 def stream_sites(segments: list[StreamSegment]) -> list[Site]:
     """Calibration sites for every norm's input and output (`collect_statistics` measures them)."""
-    norms = [segments[0].norm] + [s.closing_norm for s in segments]
+    norms = stream_norms(segments)
     return [Site(f"{n}:{side}", n, side, "residual", i) for i, n in enumerate(norms) for side in ("input", "output")]
 
 
@@ -131,7 +138,7 @@ def stream_entries(segments: list[StreamSegment], ranks: list[int]) -> dict[str,
     Example:
         >>> entries = stream_entries(stream_segments(model), [120] * 12)  # doctest: +SKIP
     """
-    norms = [segments[0].norm] + [s.closing_norm for s in segments]
+    norms = stream_norms(segments)
     entries = {}
     for j, norm in enumerate(norms):
         inside = j < len(segments)  # the last norm writes the full width for the heads
@@ -187,7 +194,7 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
     if len(ranks) != len(segments):
         raise ValueError(f"narrow_residual_stream: {len(ranks)} ranks for {len(segments)} stream segments.")
     spectra = spectra or stream_bases(statistics, segments)
-    norms = [segments[0].norm] + [s.closing_norm for s in segments]
+    norms = stream_norms(segments)
     d = get_submodule(model, norms[0]).normalized_shape[0]
     for j, k in enumerate(ranks):
         if not (isinstance(k, int) and 1 <= k <= d - 1):
@@ -200,9 +207,8 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
     for path in (p for s in segments for p in s.readers):
         if get_submodule(model, path).bias is None:  # W μ has nowhere to go
             raise ValueError(f"residual: reader '{path}' has no bias to absorb the stream's mean.")
-    mean = lambda name: statistics[name].mean()  # noqa: E731
     bases = [_centred_basis(vectors, k) for (_, vectors), k in zip(spectra, ranks, strict=True)]
-    means = [mean(f"{s.norm}:output") for s in segments]
+    means = [statistics[f"{s.norm}:output"].mean() for s in segments]
     entries = stream_entries(segments, ranks)
     for j, norm_path in enumerate(norms):
         entry = entries[norm_path]
@@ -217,7 +223,7 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
         else:
             basis, k = bases[j - 1], ranks[j - 1]
             centred_in = basis[:, :k]
-            stream_in = mean(f"{norm_path}:input")
+            stream_in = statistics[f"{norm_path}:input"].mean()
             constant = stream_in - basis @ (basis.T @ (stream_in - means[j - 1]))  # o: the mean outside the basis
             constant = constant - constant.mean()  # C o
             shift = centred_in.T @ constant
@@ -243,7 +249,6 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     for name, value in tensors.items():
         parameter = getattr(module, name)
         parameter.copy_(value.to(parameter.dtype).reshape(parameter.shape))
-
 
 
 def cut_residual_stream(model: nn.Module, data, *, estimator: str = "mp_fit", quantile: float = 0.5,
