@@ -31,7 +31,13 @@ from transformers import Trainer, TrainingArguments
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.cut import apply_plan
-from hf_rmtkd.distillation import distillation_loss, hidden_state_loss, mask_tokenizer, masked_copy_loss
+from hf_rmtkd.distillation import (
+    data_token_neighbours,
+    distillation_loss,
+    hidden_state_loss,
+    mask_tokenizer,
+    masked_copy_loss,
+)
 from hf_rmtkd.modeling import rmtkd_class_for
 from hf_rmtkd.plan import keep_signal_fraction, plan_reductions
 from hf_rmtkd.reductions import apply_embedding, apply_low_rank, embedding_parameters, low_rank_parameters
@@ -323,11 +329,13 @@ class KDTrainer(Trainer):
     def __init__(self, *args, teacher: nn.Module, alpha: float = _library_default("distillation_alpha"),
                  temperature: float = _library_default("distillation_temperature"),
                  hidden_weight: float = _library_default("distillation_hidden_weight"),
-                 mask_prob: float = _library_default("distillation_mask_prob"), **kwargs):
+                 mask_prob: float = _library_default("distillation_mask_prob"),
+                 copy_tokens: str = _library_default("distillation_copy_tokens"), **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()  # used under no_grad only; its requires_grad flags stay as they are
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
-        self.mask_prob = mask_prob
+        self.mask_prob, self.copy_tokens = mask_prob, copy_tokens
+        self._neighbours = None  # copy_tokens "neighbours": the substitution table, built at first use
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
@@ -342,8 +350,11 @@ class KDTrainer(Trainer):
                                        temperature=self.temperature)
         if self.mask_prob > 0:
             tokenizer = mask_tokenizer(self.processing_class, self.data_collator)
+            if self.copy_tokens == "neighbours" and self._neighbours is None:
+                self._neighbours = data_token_neighbours(self.teacher, self.train_dataset, tokenizer)
             loss = loss + (1.0 - self.alpha) * masked_copy_loss(model, self.teacher, features, tokenizer,
                                                                 probability=self.mask_prob,
+                                                                neighbours=self._neighbours,
                                                                 temperature=self.temperature)
         if self.hidden_weight > 0:
             student_hidden, teacher_hidden = outputs.hidden_states, teacher_outputs.hidden_states
@@ -356,7 +367,8 @@ class KDTrainer(Trainer):
 
 # `RMTKDTrainingArguments` field -> `KDTrainer` argument: a loss given by the library's names reaches both alike.
 KD_LOSS_FIELDS = {"distillation_alpha": "alpha", "distillation_temperature": "temperature",
-                  "distillation_hidden_weight": "hidden_weight", "distillation_mask_prob": "mask_prob"}
+                  "distillation_hidden_weight": "hidden_weight", "distillation_mask_prob": "mask_prob",
+                  "distillation_copy_tokens": "copy_tokens"}
 
 
 def distil(student: nn.Module, teacher: nn.Module, train_dataset, *, steps: int, args: TrainingArguments,

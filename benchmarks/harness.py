@@ -81,8 +81,8 @@ def environment(seeds: list[int], script: str = "run.py") -> dict:
     }
 
 
-def evaluate_accuracy(model: nn.Module, dataset, *, collator=None, batch_size: int = 64) -> float:
-    """Accuracy of the arg-max prediction of ``model`` on ``dataset`` (which has a ``labels`` column)."""
+def predict_logits(model: nn.Module, dataset, *, collator=None, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, labels)`` of ``model`` on ``dataset`` (which has a ``labels`` column)."""
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-eval-"), per_device_eval_batch_size=batch_size,
                              report_to=[], disable_tqdm=True, use_cpu=True)
     try:
@@ -90,7 +90,13 @@ def evaluate_accuracy(model: nn.Module, dataset, *, collator=None, batch_size: i
     finally:
         shutil.rmtree(args.output_dir, ignore_errors=True)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return float((np.argmax(logits, -1) == output.label_ids).mean())
+    return logits, output.label_ids
+
+
+def evaluate_accuracy(model: nn.Module, dataset, *, collator=None, batch_size: int = 64) -> float:
+    """Accuracy of the arg-max prediction of ``model`` on ``dataset`` (which has a ``labels`` column)."""
+    logits, labels = predict_logits(model, dataset, collator=collator, batch_size=batch_size)
+    return float((np.argmax(logits, -1) == labels).mean())
 
 
 def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, train, validation, calibration,

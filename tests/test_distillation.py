@@ -7,7 +7,17 @@ from tiny_models import tiny_inputs, tiny_model, tiny_tokenizer
 from torch import nn
 from transformers import DataCollatorWithPadding
 
-from hf_rmtkd.distillation import distillation_loss, mask_tokenizer, mask_tokens, masked_copy_loss, teacher_copy
+from hf_rmtkd.distillation import (
+    data_token_neighbours,
+    distillation_loss,
+    mask_tokenizer,
+    mask_tokens,
+    masked_copy_loss,
+    substitute_tokens,
+    teacher_copy,
+    token_neighbours,
+)
+from hf_rmtkd.modeling.layers_rmtkd import LowRankEmbedding
 
 
 @pytest.fixture
@@ -238,6 +248,77 @@ def test_masked_copy_loss_is_the_teacher_term_on_a_masked_batch(tmp_path):
     assert masked_copy_loss(student, teacher, batch, tokenizer, probability=0.5) > 0
     with pytest.raises(ValueError, match="input_ids"):
         masked_copy_loss(student, teacher, {"attention_mask": batch["attention_mask"]}, tokenizer, probability=0.5)
+
+
+# Three unit vectors and their negatives (mean zero): cos(a, b) = 0.8, cos(b, c) = 0.352, cos(a, c) = -0.28.
+A, B, C = [1.0, 0.0], [0.8, 0.6], [-0.28, 0.96]
+SIX = torch.tensor([A, B, C, [-x for x in A], [-x for x in B], [-x for x in C]])
+
+
+@pytest.mark.parametrize(("candidates", "k", "expected"), [
+    (range(6), 1, [[1], [0], [1], [4], [3], [4]]),                  # each token's nearest other token
+    (range(6), 2, [[1, 5], [0, 2], [1, 3], [4, 2], [3, 5], [4, 0]]),
+    ([0, 2, 3], 1, [[2], [1], [3], [2], [4], [5]]),                  # 1, 4, 5 are no candidates: they stay
+])  # fmt: skip
+def test_token_neighbours_are_the_nearest_other_candidates(candidates, k, expected):
+    table = SIX + torch.tensor([5.0, -3.0])  # an offset the centring removes
+    assert token_neighbours(table, list(candidates), k=k, chunk=2).tolist() == expected
+    with pytest.raises(ValueError, match="more than k = 3"):
+        token_neighbours(table, [0, 1, 2], k=3)
+
+
+@pytest.mark.parametrize("probability", [0.0, 0.3, 1.0])
+def test_substitute_tokens_swaps_only_real_non_special_tokens_for_neighbours(probability):
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0, 0], [2, 20, 21, 3, 0, 0, 0, 0]])
+    attention = (ids != 0).long()
+    neighbours = torch.arange(30).unsqueeze(1) + torch.tensor([[100, 200]])  # token t: t + 100 or t + 200
+    swapped = substitute_tokens(ids, attention, neighbours=neighbours, special_ids=[0, 2, 3, 4],
+                                probability=probability, generator=torch.Generator().manual_seed(0))
+    eligible = attention.bool() & ~torch.isin(ids, torch.tensor([0, 2, 3, 4]))
+    assert torch.equal(swapped[~eligible], ids[~eligible])  # padding and special tokens stay
+    changed = swapped != ids
+    assert torch.all(torch.isin(swapped[changed] - ids[changed], torch.tensor([100, 200])))
+    if probability == 0.0:
+        assert not changed.any()
+    if probability == 1.0:
+        assert torch.equal(changed, eligible)
+    assert ids[0, 1] == 10  # the input is not modified in place
+
+
+def test_data_token_neighbours_reads_the_data_s_words_through_any_embedding(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    model = tiny_model("bert")
+    data = [{"input_ids": [2, 10, 11, 12, 3]}, {"input_ids": [2, 13, 14, 10, 3, 0]}]
+    table = data_token_neighbours(model, data, tokenizer, k=2)
+    words = [10, 11, 12, 13, 14]
+    assert torch.all(torch.isin(table[words], torch.tensor(words)))  # swapped only for the data's other words
+    assert torch.all(table[words] != torch.tensor(words).unsqueeze(1))
+    others = [i for i in range(table.shape[0]) if i not in words]
+    assert torch.equal(table[others], torch.tensor(others).unsqueeze(1).expand(-1, 2))  # specials stay themselves
+    # A factored embedding that reproduces the table exactly gives the same neighbours.
+    weight = model.get_input_embeddings().weight.detach()
+    factored = LowRankEmbedding(weight.shape[0], weight.shape[1], rank=weight.shape[1])
+    with torch.no_grad():
+        factored.embed.weight.copy_(weight)
+        factored.up.weight.copy_(torch.eye(weight.shape[1]))
+        factored.up.bias.zero_()
+    model.set_input_embeddings(factored)
+    assert torch.equal(data_token_neighbours(model, data, tokenizer, k=2), table)
+
+
+def test_masked_copy_loss_with_neighbours_is_the_teacher_term_on_a_substituted_batch(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path)
+    student = tiny_model("bert").eval()
+    batch = tiny_inputs("bert", batch=6, seq_len=10)
+    batch["input_ids"] = batch["input_ids"] % 45 + 5  # words 5..49 only
+    teacher = teacher_copy(student)
+    with torch.no_grad():
+        teacher.bert.embeddings.word_embeddings.weight[50:].mul_(-3)  # only the swapped-in tokens differ
+    neighbours = torch.arange(student.config.vocab_size).unsqueeze(1).clone()
+    assert masked_copy_loss(student, teacher, batch, tokenizer, probability=1.0, neighbours=neighbours) == 0
+    neighbours[:50] = 50 + torch.arange(50).unsqueeze(1)
+    assert masked_copy_loss(student, teacher, batch, tokenizer, probability=0.0, neighbours=neighbours) == 0
+    assert masked_copy_loss(student, teacher, batch, tokenizer, probability=1.0, neighbours=neighbours) > 0
 
 
 def test_mask_tokenizer_finds_the_tokenizer_or_says_what_to_pass(tmp_path):

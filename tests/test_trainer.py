@@ -298,10 +298,12 @@ def test_feature_distillation_adds_the_hidden_state_term(tmp_path):
     assert trainer.rmtkd_log[0]["accepted"]
 
 
-def test_masked_copy_adds_a_teacher_term_on_masked_inputs(tmp_path):
+@pytest.mark.parametrize("copy_tokens", ["mask", "neighbours"])
+def test_masked_copy_adds_a_teacher_term_on_changed_inputs(tmp_path, copy_tokens):
     model = tiny_model("bert", initializer_range=0.1)
     train = text_task(64, 0)
-    args = RMTKDTrainingArguments(**common_args(tmp_path / "masked"), max_metric_drop=1.0, distillation_mask_prob=0.5)
+    args = RMTKDTrainingArguments(**common_args(tmp_path / "masked"), max_metric_drop=1.0, distillation_mask_prob=0.5,
+                                  distillation_copy_tokens=copy_tokens)
     trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=train,
                            processing_class=tiny_tokenizer(tmp_path))
     trainer.teacher = hf_rmtkd.distillation.teacher_copy(model)
@@ -315,6 +317,7 @@ def test_masked_copy_adds_a_teacher_term_on_masked_inputs(tmp_path):
         without = trainer.compute_loss(model, dict(batch))
     assert with_copy > without
     assert torch.equal(batch["input_ids"], torch.tensor(train[:8]["input_ids"]))  # the batch itself is not masked
+    assert (trainer._neighbours is not None) == (copy_tokens == "neighbours")  # built from the data only if used
 
 
 def test_masked_copy_without_a_tokenizer_is_refused(tmp_path):

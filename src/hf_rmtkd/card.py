@@ -69,6 +69,7 @@ SETTING_LABELS = {
     "distillation_temperature": "T (distillation temperature)",
     "temperature": "T (distillation temperature)",
     "distillation_mask_prob": "masked-copy distillation (share of tokens masked)",
+    "distillation_copy_tokens": "what the copy's chosen tokens become ('neighbours': nearby words)",
     "embedding_vocabulary": "tokens whose embedding codes are stored ('train': those of the training data)",
     "max_metric_drop": "largest metric drop accepted per round",
     "target_params": "parameter target",

@@ -16,8 +16,9 @@ batch. This is how transformers normalises its own token-level losses.
 An optional feature term (not in the paper, off by default) adds ``β · hidden_state_loss``: the default kinds never
 narrow the residual stream, so every hidden state of the student has the teacher's shape and can be matched one to
 one (with the ``residual`` kind they cannot, and the arguments refuse the term).
-Another (also off by default) adds the teacher term on a copy of each text batch with some tokens masked
-(`mask_tokens`): inputs the data does not hold, labelled by the teacher, in the spirit of TinyBERT's augmentation.
+Another (also off by default) adds the teacher term on a copy of each text batch with some tokens changed: masked
+(`mask_tokens`) or swapped for one of their nearest tokens in the teacher's input embedding (`substitute_tokens`,
+TinyBERT's word substitution): inputs the data does not hold, labelled by the teacher.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .reductions.embedding import centred_unit_rows, token_ids_used
 from .utils import tokenizer_with
 
 __all__ = [
-    "distillation_loss", "hidden_state_loss", "mask_tokenizer", "mask_tokens", "masked_copy_loss", "teacher_copy",
+    "data_token_neighbours", "distillation_loss", "hidden_state_loss", "mask_tokenizer", "mask_tokens",
+    "masked_copy_loss", "substitute_tokens", "teacher_copy", "token_neighbours",
 ]
 
 
@@ -235,6 +238,94 @@ def mask_tokens(
     return input_ids.masked_fill(eligible & (draw < probability), mask_id)
 
 
+@torch.no_grad()
+def token_neighbours(embedding: torch.Tensor, candidates, k: int = 10, chunk: int = 4096) -> torch.Tensor:
+    """For every candidate token, its ``k`` nearest other candidates in an input embedding (cosine of centred rows).
+
+    The substitution table of `substitute_tokens`. Nearest in a trained embedding mostly means related words of the
+    same kind (for MiniLM-L6: good → excellent, bad, great; boring → bored, dull, exciting), so a substituted copy
+    stays a sentence the teacher can label, often with another sentiment.
+
+    Args:
+        embedding: the token embedding, (V, d).
+        candidates: the token ids that may be swapped and swapped in (e.g. those of the training data, without
+            special tokens); at least ``k + 1`` of them.
+        k: neighbours per token.
+        chunk: candidates compared at once (memory: chunk × len(candidates) floats).
+
+    Returns:
+        (V, k) token ids; the row of a token that is not a candidate holds the token itself, so it never changes.
+
+    Example:
+        >>> table = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+        >>> token_neighbours(table, [0, 1, 3], k=1).squeeze(1).tolist()
+        [1, 0, 2, 0]
+    """
+    candidates = torch.as_tensor(candidates, dtype=torch.long)
+    if candidates.numel() <= k:
+        raise ValueError(f"token_neighbours needs more than k = {k} candidate tokens; got {candidates.numel()}.")
+    unit = centred_unit_rows(embedding)[candidates]
+    table = torch.arange(embedding.shape[0]).unsqueeze(1).repeat(1, k)
+    for start in range(0, candidates.numel(), chunk):
+        similarity = unit[start:start + chunk] @ unit.T
+        rows = torch.arange(similarity.shape[0])
+        similarity[rows, rows + start] = -float("inf")  # a token is not its own neighbour
+        table[candidates[start:start + chunk]] = candidates[similarity.topk(k, dim=1).indices]
+    return table
+
+
+@torch.no_grad()
+def data_token_neighbours(model: nn.Module, dataset, tokenizer, k: int = 10) -> torch.Tensor:
+    """`token_neighbours` over ``model``'s input embedding, among the tokens ``dataset`` uses (special ones left out).
+
+    Args:
+        model: the model whose input embedding (``get_input_embeddings()``: an ``nn.Embedding`` or a
+            `LowRankEmbedding`) measures nearness; the teacher.
+        dataset: the tokenized training data (``input_ids``): its words are the ones swapped and swapped in.
+        tokenizer: supplies ``all_special_ids``.
+        k: neighbours per token.
+    """
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, nn.Embedding):
+        table = embedding.weight
+    else:  # a factored embedding: read every row through its forward
+        table = embedding(torch.arange(embedding.num_embeddings, device=embedding.up.weight.device))
+    special = set(tokenizer.all_special_ids)
+    return token_neighbours(table.cpu(), [i for i in token_ids_used(dataset) if i not in special], k)
+
+
+def substitute_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    neighbours: torch.Tensor,
+    special_ids: list[int],
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A copy of ``input_ids`` with each real, non-special token swapped, with ``probability``, for one of its
+    neighbours (a row of ``neighbours``, drawn uniformly). Padding and special tokens never change.
+
+    Args:
+        input_ids: (batch, tokens) token ids.
+        attention_mask: (batch, tokens), 1 on real tokens; None: every token is real.
+        neighbours: (V, k) table of `token_neighbours`.
+        special_ids: ids that stay (``tokenizer.all_special_ids``).
+        probability: chance of swapping each eligible token, in [0, 1].
+        generator: optional random generator (on the device of ``input_ids``).
+
+    Returns:
+        A new (batch, tokens) tensor; ``input_ids`` is left unchanged.
+    """
+    eligible = ~torch.isin(input_ids, torch.as_tensor(special_ids, device=input_ids.device))
+    if attention_mask is not None:
+        eligible &= attention_mask.bool()
+    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    pick = torch.randint(0, neighbours.shape[1], input_ids.shape, generator=generator, device=input_ids.device)
+    swapped = neighbours.to(input_ids.device)[input_ids, pick]
+    return torch.where(eligible & (draw < probability), swapped, input_ids)
+
+
 def mask_tokenizer(*owners):
     """The first tokenizer with a mask token among ``owners`` (a tokenizer, a processor, a data collator holding one).
 
@@ -255,11 +346,13 @@ def masked_copy_loss(
     tokenizer,
     *,
     probability: float,
+    neighbours: torch.Tensor | None = None,
     temperature: float = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None,
     shift_labels: bool = False,
 ) -> torch.Tensor:
-    """``T²·KL(p_teacher^T ‖ p_student^T)`` on a copy of a text batch with some tokens masked (`mask_tokens`).
+    """``T²·KL(p_teacher^T ‖ p_student^T)`` on a copy of a text batch with some tokens masked (`mask_tokens`) or,
+    given ``neighbours``, swapped for nearby tokens (`substitute_tokens`).
 
     The teacher labels inputs the data does not hold, as TinyBERT's augmentation does with word substitutions; the
     copy's labels are not used. Costs a second forward pass of both models and a second backward pass.
@@ -268,7 +361,8 @@ def masked_copy_loss(
         student, teacher: the models (the teacher runs under ``no_grad``).
         features: the batch's model inputs, without labels; needs ``input_ids``.
         tokenizer: supplies ``mask_token_id`` and ``all_special_ids`` (see `mask_tokenizer`).
-        probability: chance of masking each real, non-special token.
+        probability: chance of changing each real, non-special token.
+        neighbours: the (V, k) table of `token_neighbours`; None masks instead.
         temperature, num_items_in_batch, shift_labels: as in `distillation_loss`.
 
     Returns:
@@ -277,9 +371,14 @@ def masked_copy_loss(
     if "input_ids" not in features:
         raise ValueError("distillation_mask_prob > 0 needs text batches with input_ids; this batch has "
                          f"{sorted(features)}. Set distillation_mask_prob=0.")
-    masked = mask_tokens(features["input_ids"], features.get("attention_mask"), mask_id=tokenizer.mask_token_id,
-                         special_ids=tokenizer.all_special_ids, probability=probability)
-    copy = {**features, "input_ids": masked, "output_hidden_states": False}
+    ids, attention = features["input_ids"], features.get("attention_mask")
+    if neighbours is None:
+        changed = mask_tokens(ids, attention, mask_id=tokenizer.mask_token_id, special_ids=tokenizer.all_special_ids,
+                              probability=probability)
+    else:
+        changed = substitute_tokens(ids, attention, neighbours=neighbours, special_ids=tokenizer.all_special_ids,
+                                    probability=probability)
+    copy = {**features, "input_ids": changed, "output_hidden_states": False}
     student_logits = student(**copy).logits
     with torch.no_grad():
         teacher_logits = teacher(**copy).logits

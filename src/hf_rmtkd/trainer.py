@@ -37,7 +37,14 @@ from .architectures import find_sites
 from .calibration import collect_statistics, measure_sites, recount
 from .checkpoint import save_rmtkd_checkpoint
 from .cut import apply_plan
-from .distillation import distillation_loss, hidden_state_loss, mask_tokenizer, masked_copy_loss, teacher_copy
+from .distillation import (
+    data_token_neighbours,
+    distillation_loss,
+    hidden_state_loss,
+    mask_tokenizer,
+    masked_copy_loss,
+    teacher_copy,
+)
 from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import Plan, keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
@@ -96,6 +103,7 @@ class RMTKDTrainer(Trainer):
         self._quantile = args.spectrum_quantile
         self._signal_fraction = 1.0
         self._kept_tokens: list[int] | None = None
+        self._neighbours: torch.Tensor | None = None  # distillation_copy_tokens='neighbours': (V, k) token ids
         self.rmtkd_final: dict | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -141,8 +149,8 @@ class RMTKDTrainer(Trainer):
             tokenizer = mask_tokenizer(self.processing_class, self.data_collator)
             loss = loss + (1.0 - self.args.distillation_alpha) * masked_copy_loss(
                 model, self.teacher, features, tokenizer, probability=self.args.distillation_mask_prob,
-                temperature=self.args.distillation_temperature, num_items_in_batch=num_items_in_batch,
-                shift_labels=self._is_causal_lm)
+                neighbours=self._token_neighbours(tokenizer), temperature=self.args.distillation_temperature,
+                num_items_in_batch=num_items_in_batch, shift_labels=self._is_causal_lm)
         if model.training and not torch.isfinite(loss.detach()).all():
             # The cut model diverged: stop this round's training now; the round is rolled back (see `train`).
             self._nonfinite_loss = True
@@ -269,6 +277,15 @@ class RMTKDTrainer(Trainer):
             self._kept_tokens = sorted({*used, *special, *([pad] if pad is not None else [])})
             logger.info(f"embedding_vocabulary='train': codes kept for {len(self._kept_tokens):,} tokens.")
         return self._kept_tokens
+
+    def _token_neighbours(self, tokenizer) -> torch.Tensor | None:
+        """The substitution table of ``distillation_copy_tokens='neighbours'`` (None for 'mask'), built once from the
+        first teacher's input embedding over the tokens of ``train_dataset``."""
+        if self.args.distillation_copy_tokens != "neighbours":
+            return None
+        if self._neighbours is None:
+            self._neighbours = data_token_neighbours(base_of(self.teacher), self.train_dataset, tokenizer)
+        return self._neighbours
 
     def _counted(self, measurements, quantile: float, fraction: float):
         """The measurements as a plan at ``quantile`` keeping ``fraction`` of each site's signal sees them."""
@@ -526,6 +543,7 @@ class RMTKDTrainer(Trainer):
             "settings": {**self._spectrum_settings(), "distillation_alpha": a.distillation_alpha,
                          "distillation_temperature": a.distillation_temperature,
                          "distillation_mask_prob": a.distillation_mask_prob,
+                         "distillation_copy_tokens": a.distillation_copy_tokens,
                          "embedding_vocabulary": a.embedding_vocabulary,
                          "max_metric_drop": a.max_metric_drop, "target_params": a.target_params,
                          "sites_per_round": a.sites_per_round},

@@ -39,6 +39,7 @@ from .reductions.ffn_width import METHODS as FFN_WIDTH_METHODS
 from .spectrum import EDGES, ESTIMATORS
 
 EMBEDDING_VOCABULARIES = ("all", "train")
+COPY_TOKENS = ("mask", "neighbours")
 
 __all__ = ["RMTKDTrainingArguments"]
 
@@ -258,6 +259,15 @@ class RMTKDTrainingArguments(TrainingArguments):
             "(processing_class, or the data collator's). In [0, 1); 0 turns it off."
         },
     )
+    distillation_copy_tokens: str = field(
+        default="mask",
+        metadata={
+            "help": "What the tokens chosen by distillation_mask_prob become in the copy: 'mask' (the mask token) or "
+            "'neighbours' (one of the 10 tokens nearest to it in the teacher's input embedding, among those of "
+            "train_dataset: TinyBERT-style word substitution, e.g. good -> excellent, bad or great).",
+            "choices": list(COPY_TOKENS),
+        },
+    )
 
     # ---- stopping: when cutting ends ---------------------------------------------------------------------------
     target_params: float | None = field(
@@ -419,6 +429,7 @@ class RMTKDTrainingArguments(TrainingArguments):
         number_in("distillation_alpha", 0, 1, low_open=False, high_open=False)
         positive("distillation_temperature")
         number_in("distillation_mask_prob", 0, 1, low_open=False, high_open=True)
+        one_of("distillation_copy_tokens", COPY_TOKENS)
         self._require("distillation_hidden_weight",
                       _is_number(self.distillation_hidden_weight) and self.distillation_hidden_weight >= 0, "be >= 0")
         narrows_stream = isinstance(self.reduction_kinds, list) and "residual" in self.reduction_kinds

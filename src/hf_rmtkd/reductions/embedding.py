@@ -44,6 +44,13 @@ def token_ids_used(dataset, column: str = "input_ids") -> list[int]:
     return sorted(used)
 
 
+def centred_unit_rows(table: torch.Tensor) -> torch.Tensor:
+    """The rows of an embedding (V, d) minus their mean, scaled to unit length (float32): dot products between them
+    are the cosine similarities that say which tokens are near each other."""
+    table = table.float()
+    return torch.nn.functional.normalize(table - table.mean(0), dim=1)
+
+
 @torch.no_grad()
 def nearest_kept_rows(table: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """For every row of ``table`` (V, d), the index into ``kept`` of the kept row nearest to it (cosine of centred
@@ -57,9 +64,7 @@ def nearest_kept_rows(table: torch.Tensor, kept: torch.Tensor, chunk: int = 4096
     Returns:
         (V,) int32 row indices in [0, N).
     """
-    table = table.float()
-    centred = table - table.mean(0)
-    unit = torch.nn.functional.normalize(centred, dim=1)
+    unit = centred_unit_rows(table)
     kept_unit = unit[kept]
     rows = torch.empty(table.shape[0], dtype=torch.int32)
     for start in range(0, table.shape[0], chunk):
