@@ -6,7 +6,7 @@ closely the final model follows the teacher on validation (arg-max agreement, me
 readings than the accuracy of 500 examples. The test split is never touched.
 
 Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--mask-prob 0] [--copy-tokens mask]
-[--final-steps 0] [--sites-per-round 64]
+[--final-steps 0] [--sites-per-round 64] [--keep-only embedding|encoder]
 [--threads 1] [--kinds ffn_width low_rank embedding attention_heads] [--target 0.2] [--embedding-vocabulary all]
 [--learning-rate 2e-4]``;
 each run appends one line to ``benchmarks/results/distillation_sweep.jsonl``.
@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ from harness import predict_logits, run_rmtkd
 from text import FULL, LEARNING_RATE, TARGET_PARAMS, _rmtkd_args, load_data, load_teacher
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
+from hf_rmtkd import RMTKDTrainer
 from hf_rmtkd.data import minilm_path
+from hf_rmtkd.plan import Plan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distillation_sweep.jsonl"
 
@@ -33,6 +36,20 @@ RESULTS = Path(__file__).resolve().parent / "results" / "distillation_sweep.json
 def _heads_kept(entry: dict) -> dict:
     """Per attention output cut by ``attention_heads``: the kept width (heads × head size)."""
     return {site: cut["k"] for site, cut in entry["sites"].items() if cut["kind"] == "attention_heads"}
+
+
+class PartialCutTrainer(RMTKDTrainer):
+    """An `RMTKDTrainer` that makes only the embedding's, or only the encoder's, cuts of each planned round: the
+    ranks are those of the whole plan, so one run per part shows what each part of the cut costs."""
+
+    def __init__(self, *args, keep_only: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_only = keep_only
+
+    def _plan(self, measurements, excluded, needed):
+        plan, measurements = super()._plan(measurements, excluded, needed)
+        kept = [cut for cut in plan.cuts if (cut.kind == "embedding") == (self.keep_only == "embedding")]
+        return Plan(kept, plan.skipped), measurements
 
 
 def teacher_agreement(model, teacher, dataset, collator) -> dict:
@@ -53,6 +70,8 @@ def main() -> None:
     parser.add_argument("--copy-tokens", default="mask", choices=["mask", "neighbours"],
                         help="distillation_copy_tokens")
     parser.add_argument("--sites-per-round", type=int, default=FULL.sites_per_round)
+    parser.add_argument("--keep-only", choices=["embedding", "encoder"], default=None,
+                        help="where the accuracy goes: make only these cuts of the planned round, then stop")
     parser.add_argument("--steps", type=int, default=FULL.steps_per_round)
     parser.add_argument("--final-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,14 +96,19 @@ def main() -> None:
                                                    "distillation_copy_tokens": options.copy_tokens},
                         kinds=options.kinds, target=options.target, vocabulary=options.embedding_vocabulary,
                         learning_rate=options.learning_rate)
+    trainer_class = RMTKDTrainer
+    if options.keep_only:
+        args.max_rounds = 1  # one partial round; the target is not met, and a second round would plan again
+        trainer_class = partial(PartialCutTrainer, keep_only=options.keep_only)
     start = time.perf_counter()
     model, info = run_rmtkd(teacher, args, train=data["train"], validation=data["validation"],
-                            calibration=calibration, collator=DataCollatorWithPadding(tokenizer))
+                            calibration=calibration, collator=DataCollatorWithPadding(tokenizer),
+                            trainer_class=trainer_class)
     seconds = round(time.perf_counter() - start, 1)
     entry = info["log"][0]
     record = {"alpha": options.alpha, "hidden_weight": options.hidden_weight, "temperature": options.temperature,
               "mask_prob": options.mask_prob, "copy_tokens": options.copy_tokens, "target": options.target,
-              "sites_per_round": options.sites_per_round,
+              "sites_per_round": options.sites_per_round, "keep_only": options.keep_only,
               "embedding_vocabulary": options.embedding_vocabulary, "steps": options.steps, "seed": options.seed,
               "threads": options.threads, "learning_rate": options.learning_rate,
               "kinds": args.reduction_kinds, "attention_heads_kept": _heads_kept(entry),

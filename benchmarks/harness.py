@@ -100,15 +100,16 @@ def evaluate_accuracy(model: nn.Module, dataset, *, collator=None, batch_size: i
 
 
 def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, train, validation, calibration,
-              collator=None) -> tuple[nn.Module, dict]:
-    """Compress a copy of ``teacher`` with `hf_rmtkd.RMTKDTrainer` and return the model and what the run did.
+              collator=None, trainer_class=hf_rmtkd.RMTKDTrainer) -> tuple[nn.Module, dict]:
+    """Compress a copy of ``teacher`` with `hf_rmtkd.RMTKDTrainer` (or ``trainer_class``, a subclass) and return the
+    model and what the run did.
 
     Returns:
         ``(model, info)`` with ``info``: ``distillation_steps`` (steps actually trained, all rounds and the final
         phase), ``final_distillation`` (what the final phase did),
         ``accepted_rounds``, ``rolled_back_sites``, ``stop_reason`` and the per-round ``log``.
     """
-    trainer = hf_rmtkd.RMTKDTrainer(
+    trainer = trainer_class(
         model=copy.deepcopy(teacher), args=args, train_dataset=train, eval_dataset=validation,
         calibration_dataset=calibration, data_collator=collator, compute_metrics=compute_accuracy,
     )

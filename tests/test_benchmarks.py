@@ -387,3 +387,25 @@ def test_distil_takes_the_loss_by_the_library_names(bert, tmp_path):
     with pytest.raises(ValueError, match="distillation_beta"):
         baselines.distil(copy.deepcopy(bert), bert, None, steps=1, args=args, loss={"distillation_beta": 1.0})
     assert set(baselines.KD_LOSS_FIELDS.values()) <= set(inspect.signature(baselines.KDTrainer).parameters)
+
+
+@pytest.mark.parametrize("keep_only", ["embedding", "encoder"])
+def test_partial_cut_trainer_makes_only_its_part_of_the_planned_cuts(tmp_path, keep_only):
+    import distillation_sweep
+    from hf_rmtkd import RMTKDTrainingArguments
+
+    ids = torch.randint(5, 128, (64, 12), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": (ids[:, 0] % 3).tolist()})
+    args = RMTKDTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, report_to=[],
+                                  save_strategy="no", disable_tqdm=True, use_cpu=True, target_params=0.3,
+                                  sites_per_round=64, max_rounds=1, distillation_steps_per_round=1,
+                                  max_metric_drop=10.0)
+    trainer = distillation_sweep.PartialCutTrainer(model=tiny_model("bert"), args=args, train_dataset=data,
+                                                   eval_dataset=data, keep_only=keep_only)
+    trainer.train()
+    kinds = [cut["kind"] for cut in trainer.rmtkd_log[0]["sites"].values()]
+    if keep_only == "embedding":
+        assert kinds == ["embedding"]
+    else:
+        assert kinds and "embedding" not in kinds
