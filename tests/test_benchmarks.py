@@ -13,6 +13,7 @@ from datasets import Dataset
 from tiny_models import tiny_inputs, tiny_model, tiny_tokenizer
 from transformers import DataCollatorWithPadding, TrainingArguments
 
+from hf_rmtkd import RMTKDTrainingArguments
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.bench import parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
@@ -21,6 +22,7 @@ from hf_rmtkd.plan import DEFAULT_KINDS
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import baselines  # noqa: E402
+import distillation_sweep  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
 import speed_breakdown  # noqa: E402
@@ -391,9 +393,6 @@ def test_distil_takes_the_loss_by_the_library_names(bert, tmp_path):
 
 @pytest.mark.parametrize("keep_only", ["embedding", "encoder"])
 def test_partial_cut_trainer_makes_only_its_part_of_the_planned_cuts(tmp_path, keep_only):
-    import distillation_sweep
-    from hf_rmtkd import RMTKDTrainingArguments
-
     ids = torch.randint(5, 128, (64, 12), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
                               "labels": (ids[:, 0] % 3).tolist()})

@@ -219,16 +219,30 @@ def test_hidden_state_loss_is_relative_per_layer_and_masks_padding():
         hidden_state_loss((torch.ones(2, 3, 4),), (torch.ones(2, 3, 5),))
 
 
+SPECIAL = [0, 2, 3, 4]  # [PAD], [CLS], [SEP], [MASK]
+NEIGHBOURS = torch.arange(30).unsqueeze(1) + torch.tensor([[100, 200]])  # token t may become t + 100 or t + 200
+# How the copy changes a chosen token, and what a changed token must then be.
+COPIES = {
+    "mask": (lambda ids, attention, probability, generator: mask_tokens(
+        ids, attention, mask_id=4, special_ids=SPECIAL, probability=probability, generator=generator),
+        lambda before, after: torch.all(after == 4)),
+    "neighbours": (lambda ids, attention, probability, generator: substitute_tokens(
+        ids, attention, neighbours=NEIGHBOURS, special_ids=SPECIAL, probability=probability, generator=generator),
+        lambda before, after: torch.all(torch.isin(after - before, torch.tensor([100, 200])))),
+}
+
+
+@pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("probability", [0.0, 0.3, 1.0])
-def test_mask_tokens_masks_only_real_non_special_tokens(probability):
+def test_the_copy_changes_only_real_non_special_tokens(copy, probability):
+    change, is_changed_right = COPIES[copy]
     ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0, 0], [2, 20, 21, 3, 0, 0, 0, 0]])
     attention = (ids != 0).long()
-    masked = mask_tokens(ids, attention, mask_id=4, special_ids=[0, 2, 3, 4], probability=probability,
-                         generator=torch.Generator().manual_seed(0))
-    eligible = attention.bool() & ~torch.isin(ids, torch.tensor([0, 2, 3, 4]))
-    assert torch.equal(masked[~eligible], ids[~eligible])  # padding and special tokens stay
-    changed = masked != ids
-    assert torch.all(masked[changed] == 4)
+    copied = change(ids, attention, probability, torch.Generator().manual_seed(0))
+    eligible = attention.bool() & ~torch.isin(ids, torch.tensor(SPECIAL))
+    assert torch.equal(copied[~eligible], ids[~eligible])  # padding and special tokens stay
+    changed = copied != ids
+    assert is_changed_right(ids[changed], copied[changed])
     if probability == 0.0:
         assert not changed.any()
     if probability == 1.0:
@@ -265,24 +279,6 @@ def test_token_neighbours_are_the_nearest_other_candidates(candidates, k, expect
     assert token_neighbours(table, list(candidates), k=k, chunk=2).tolist() == expected
     with pytest.raises(ValueError, match="more than k = 3"):
         token_neighbours(table, [0, 1, 2], k=3)
-
-
-@pytest.mark.parametrize("probability", [0.0, 0.3, 1.0])
-def test_substitute_tokens_swaps_only_real_non_special_tokens_for_neighbours(probability):
-    ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0, 0], [2, 20, 21, 3, 0, 0, 0, 0]])
-    attention = (ids != 0).long()
-    neighbours = torch.arange(30).unsqueeze(1) + torch.tensor([[100, 200]])  # token t: t + 100 or t + 200
-    swapped = substitute_tokens(ids, attention, neighbours=neighbours, special_ids=[0, 2, 3, 4],
-                                probability=probability, generator=torch.Generator().manual_seed(0))
-    eligible = attention.bool() & ~torch.isin(ids, torch.tensor([0, 2, 3, 4]))
-    assert torch.equal(swapped[~eligible], ids[~eligible])  # padding and special tokens stay
-    changed = swapped != ids
-    assert torch.all(torch.isin(swapped[changed] - ids[changed], torch.tensor([100, 200])))
-    if probability == 0.0:
-        assert not changed.any()
-    if probability == 1.0:
-        assert torch.equal(changed, eligible)
-    assert ids[0, 1] == 10  # the input is not modified in place
 
 
 def test_data_token_neighbours_reads_the_data_s_words_through_any_embedding(tmp_path):
