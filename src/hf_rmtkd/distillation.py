@@ -239,7 +239,7 @@ def mask_tokens(
 
 
 @torch.no_grad()
-def token_neighbours(embedding: torch.Tensor, candidates, k: int = 10, chunk: int = 4096) -> torch.Tensor:
+def token_neighbours(embedding: torch.Tensor, candidates, k: int = 10, chunk: int = 1024) -> torch.Tensor:
     """For every candidate token, its ``k`` nearest other candidates in an input embedding (cosine of centred rows).
 
     The substitution table of `substitute_tokens`. Nearest in a trained embedding mostly means related words of the
