@@ -254,21 +254,22 @@ def token_neighbours(embedding: torch.Tensor, candidates, k: int = 10, chunk: in
         chunk: candidates compared at once (memory: chunk × len(candidates) floats).
 
     Returns:
-        (V, k) token ids; the row of a token that is not a candidate holds the token itself, so it never changes.
+        (V, k) token ids on ``embedding``'s device; the row of a token that is not a candidate holds the token
+        itself, so it never changes.
 
     Example:
         >>> table = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
         >>> token_neighbours(table, [0, 1, 3], k=1).squeeze(1).tolist()
         [1, 0, 2, 0]
     """
-    candidates = torch.as_tensor(candidates, dtype=torch.long)
+    candidates = torch.as_tensor(candidates, dtype=torch.long, device=embedding.device)
     if candidates.numel() <= k:
         raise ValueError(f"token_neighbours needs more than k = {k} candidate tokens; got {candidates.numel()}.")
     unit = centred_unit_rows(embedding)[candidates]
-    table = torch.arange(embedding.shape[0]).unsqueeze(1).repeat(1, k)
+    table = torch.arange(embedding.shape[0], device=embedding.device).unsqueeze(1).repeat(1, k)
     for start in range(0, candidates.numel(), chunk):
         similarity = unit[start:start + chunk] @ unit.T
-        rows = torch.arange(similarity.shape[0])
+        rows = torch.arange(similarity.shape[0], device=embedding.device)
         similarity[rows, rows + start] = -float("inf")  # a token is not its own neighbour
         table[candidates[start:start + chunk]] = candidates[similarity.topk(k, dim=1).indices]
     return table
@@ -284,6 +285,9 @@ def data_token_neighbours(model: nn.Module, dataset, tokenizer, k: int = 10) -> 
         dataset: the tokenized training data (``input_ids``): its words are the ones swapped and swapped in.
         tokenizer: supplies ``all_special_ids``.
         k: neighbours per token.
+
+    Returns:
+        The (V, k) table, on the embedding's device (where the batches it swaps tokens in live).
     """
     embedding = model.get_input_embeddings()
     if isinstance(embedding, nn.Embedding):
@@ -291,7 +295,7 @@ def data_token_neighbours(model: nn.Module, dataset, tokenizer, k: int = 10) -> 
     else:  # a factored embedding: read every row through its forward
         table = embedding(torch.arange(embedding.num_embeddings, device=embedding.up.weight.device))
     special = set(tokenizer.all_special_ids)
-    return token_neighbours(table.cpu(), [i for i in token_ids_used(dataset) if i not in special], k)
+    return token_neighbours(table, [i for i in token_ids_used(dataset) if i not in special], k)
 
 
 def substitute_tokens(
@@ -309,7 +313,7 @@ def substitute_tokens(
     Args:
         input_ids: (batch, tokens) token ids.
         attention_mask: (batch, tokens), 1 on real tokens; None: every token is real.
-        neighbours: (V, k) table of `token_neighbours`.
+        neighbours: (V, k) table of `token_neighbours`, on the device of ``input_ids``.
         special_ids: ids that stay (``tokenizer.all_special_ids``).
         probability: chance of swapping each eligible token, in [0, 1].
         generator: optional random generator (on the device of ``input_ids``).
@@ -322,7 +326,7 @@ def substitute_tokens(
         eligible &= attention_mask.bool()
     draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     pick = torch.randint(0, neighbours.shape[1], input_ids.shape, generator=generator, device=input_ids.device)
-    swapped = neighbours.to(input_ids.device)[input_ids, pick]
+    swapped = neighbours[input_ids, pick]
     return torch.where(eligible & (draw < probability), swapped, input_ids)
 
 

@@ -284,8 +284,7 @@ class RMTKDTrainer(Trainer):
         if self.args.distillation_copy_tokens != "neighbours":
             return None
         if self._neighbours is None:
-            table = data_token_neighbours(base_of(self.teacher), self.train_dataset, tokenizer)
-            self._neighbours = table.to(self.args.device)  # looked up on every step's batch
+            self._neighbours = data_token_neighbours(base_of(self.teacher), self.train_dataset, tokenizer)
         return self._neighbours
 
     def _counted(self, measurements, quantile: float, fraction: float):
