@@ -6,6 +6,7 @@ closely the final model follows the teacher on validation (arg-max agreement, me
 readings than the accuracy of 500 examples. The test split is never touched.
 
 Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--mask-prob 0] [--copy-tokens mask]
+[--mixup 0]
 [--final-steps 0] [--sites-per-round 64] [--keep-only embedding|encoder]
 [--threads 1] [--kinds ffn_width low_rank embedding attention_heads] [--target 0.2] [--embedding-vocabulary all]
 [--learning-rate 2e-4]``;
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--mask-prob", type=float, default=0.0, help="distillation_mask_prob (masked-copy KD)")
     parser.add_argument("--copy-tokens", default="mask", choices=["mask", "neighbours"],
                         help="distillation_copy_tokens")
+    parser.add_argument("--mixup", type=float, default=0.0, help="distillation_mixup (MixKD: Beta(c, c) blends)")
     parser.add_argument("--sites-per-round", type=int, default=FULL.sites_per_round)
     parser.add_argument("--keep-only", choices=["embedding", "encoder"], default=None,
                         help="where the accuracy goes: make only these cuts of the planned round, then stop")
@@ -93,7 +95,8 @@ def main() -> None:
                                                    "distillation_hidden_weight": options.hidden_weight,
                                                    "distillation_temperature": options.temperature,
                                                    "distillation_mask_prob": options.mask_prob,
-                                                   "distillation_copy_tokens": options.copy_tokens},
+                                                   "distillation_copy_tokens": options.copy_tokens,
+                                                   "distillation_mixup": options.mixup},
                         kinds=options.kinds, target=options.target, vocabulary=options.embedding_vocabulary,
                         learning_rate=options.learning_rate)
     trainer_class = RMTKDTrainer
@@ -107,7 +110,8 @@ def main() -> None:
     seconds = round(time.perf_counter() - start, 1)
     entry = info["log"][0]
     record = {"alpha": options.alpha, "hidden_weight": options.hidden_weight, "temperature": options.temperature,
-              "mask_prob": options.mask_prob, "copy_tokens": options.copy_tokens, "target": options.target,
+              "mask_prob": options.mask_prob, "copy_tokens": options.copy_tokens, "mixup": options.mixup,
+              "target": options.target,
               "sites_per_round": options.sites_per_round, "keep_only": options.keep_only,
               "embedding_vocabulary": options.embedding_vocabulary, "steps": options.steps, "seed": options.seed,
               "threads": options.threads, "learning_rate": options.learning_rate,

@@ -13,6 +13,8 @@ from hf_rmtkd.distillation import (
     mask_tokenizer,
     mask_tokens,
     masked_copy_loss,
+    mixup_copy_loss,
+    mixup_inputs,
     substitute_tokens,
     teacher_copy,
     token_neighbours,
@@ -323,3 +325,47 @@ def test_mask_tokenizer_finds_the_tokenizer_or_says_what_to_pass(tmp_path):
     assert mask_tokenizer(None, collator) is tokenizer
     with pytest.raises(ValueError, match="processing_class"):
         mask_tokenizer(None, object())
+
+
+@pytest.mark.parametrize("arch", ["bert", "resnet"])  # blended in the input embedding / in pixel space
+def test_mixup_inputs_blend_each_example_with_its_partner(arch):
+    model = tiny_model(arch).eval()
+    batch = tiny_inputs(arch, batch=4)
+    if "attention_mask" in batch:
+        batch["attention_mask"][1, 5:] = 0  # example 1 is shorter: its blend is real where either example is
+    partner = torch.tensor([1, 0, 3, 2])
+    with torch.no_grad():
+        plain = model(**batch).logits
+        itself = model(**mixup_inputs(model, batch, torch.ones(4), partner)).logits
+        swapped = model(**mixup_inputs(model, batch, torch.zeros(4), partner))
+        half = mixup_inputs(model, batch, torch.full((4,), 0.5), partner)
+    if "attention_mask" in batch:
+        assert half["attention_mask"][:2].eq(1).all()
+        # weight 1: the example itself, through the embedding as input_ids (but for example 1, whose blend with the
+        # longer example 0 has real positions that it lacks)
+        torch.testing.assert_close(itself[[0, 2, 3]], plain[[0, 2, 3]])
+        return
+    torch.testing.assert_close(itself, plain)  # weight 1: the example itself
+    torch.testing.assert_close(swapped.logits, plain[partner])  # weight 0: the partner
+    torch.testing.assert_close(half["pixel_values"], (batch["pixel_values"] + batch["pixel_values"][partner]) / 2)
+
+
+@pytest.mark.parametrize("arch", ["bert", "resnet"])
+def test_mixup_copy_loss_is_the_teacher_term_on_a_blended_batch(arch):
+    student = tiny_model(arch).eval()
+    batch = tiny_inputs(arch, batch=6)
+    torch.manual_seed(0)
+    assert mixup_copy_loss(student, student, batch, concentration=0.4) == 0  # a teacher like the student
+    teacher = teacher_copy(student)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.mul_(1.5)
+    term = mixup_copy_loss(student, teacher, batch, concentration=0.4)
+    assert term > 0
+    term.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # only the student learns
+    embedding = student.get_input_embeddings() if arch == "bert" else None
+    if embedding is not None:
+        assert embedding.weight.grad is not None  # text is blended in the student's own embedding
+    with pytest.raises(ValueError, match="input_ids .* or pixel_values"):
+        mixup_copy_loss(student, teacher, {"attention_mask": torch.ones(2, 3)}, concentration=0.4)

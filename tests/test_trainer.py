@@ -298,12 +298,21 @@ def test_feature_distillation_adds_the_hidden_state_term(tmp_path):
     assert trainer.rmtkd_log[0]["accepted"]
 
 
-@pytest.mark.parametrize("copy_tokens", ["mask", "neighbours"])
-def test_masked_copy_adds_a_teacher_term_on_changed_inputs(tmp_path, copy_tokens):
+# The extra distillation inputs: the settings that turn each on, and the same with it off.
+COPY_SETTINGS = {
+    "mask": ({"distillation_mask_prob": 0.5}, {"distillation_mask_prob": 0.0}),
+    "neighbours": ({"distillation_mask_prob": 0.5, "distillation_copy_tokens": "neighbours"},
+                   {"distillation_mask_prob": 0.0}),
+    "mixup": ({"distillation_mixup": 0.4}, {"distillation_mixup": 0.0}),
+}
+
+
+@pytest.mark.parametrize("copy", COPY_SETTINGS)
+def test_a_copy_adds_a_teacher_term_on_changed_inputs(tmp_path, copy):
+    on, off = COPY_SETTINGS[copy]
     model = tiny_model("bert", initializer_range=0.1)
     train = text_task(64, 0)
-    args = RMTKDTrainingArguments(**common_args(tmp_path / "masked"), max_metric_drop=1.0, distillation_mask_prob=0.5,
-                                  distillation_copy_tokens=copy_tokens)
+    args = RMTKDTrainingArguments(**common_args(tmp_path / copy), max_metric_drop=1.0, **on)
     trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=train,
                            processing_class=tiny_tokenizer(tmp_path))
     trainer.teacher = hf_rmtkd.distillation.teacher_copy(model)
@@ -312,12 +321,13 @@ def test_masked_copy_adds_a_teacher_term_on_changed_inputs(tmp_path, copy_tokens
         trainer.teacher.bert.embeddings.word_embeddings.weight.mul_(2)  # a teacher whose outputs differ
         torch.manual_seed(0)
         with_copy = trainer.compute_loss(model.train(), dict(batch))
-        args.distillation_mask_prob = 0.0
+        for name, value in off.items():
+            setattr(args, name, value)
         torch.manual_seed(0)  # the same dropout in the clean pass of both
         without = trainer.compute_loss(model, dict(batch))
     assert with_copy > without
-    assert torch.equal(batch["input_ids"], torch.tensor(train[:8]["input_ids"]))  # the batch itself is not masked
-    assert (trainer._neighbours is not None) == (copy_tokens == "neighbours")  # built from the data only if used
+    assert torch.equal(batch["input_ids"], torch.tensor(train[:8]["input_ids"]))  # the batch itself is not changed
+    assert (trainer._neighbours is not None) == (copy == "neighbours")  # built from the data only if used
 
 
 def test_masked_copy_without_a_tokenizer_is_refused(tmp_path):

@@ -18,7 +18,9 @@ narrow the residual stream, so every hidden state of the student has the teacher
 one (with the ``residual`` kind they cannot, and the arguments refuse the term).
 Another (also off by default) adds the teacher term on a copy of each text batch with some tokens changed: masked
 (`mask_tokens`) or swapped for one of their nearest tokens in the teacher's input embedding (`substitute_tokens`,
-TinyBERT's word substitution): inputs the data does not hold, labelled by the teacher.
+TinyBERT's word substitution): inputs the data does not hold, labelled by the teacher. A third (off by default)
+adds it on a mixup of each batch (`mixup_copy_loss`, MixKD): every example blended with another one of the batch, in
+the input embedding for text and in pixel space for images.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .utils import tokenizer_with
 
 __all__ = [
     "data_token_neighbours", "distillation_loss", "hidden_state_loss", "mask_tokenizer", "mask_tokens",
-    "masked_copy_loss", "substitute_tokens", "teacher_copy", "token_neighbours",
+    "masked_copy_loss", "mixup_copy_loss", "mixup_inputs", "substitute_tokens", "teacher_copy", "token_neighbours",
 ]
 
 
@@ -390,6 +392,89 @@ def masked_copy_loss(
     term, _, _ = distillation_loss(student_logits, teacher_logits, None, temperature=temperature,
                                    num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
                                    attention_mask=features.get("attention_mask") if token_level else None)
+    return term
+
+
+def mixup_inputs(model: nn.Module, features: dict, weight: torch.Tensor, partner: torch.Tensor) -> dict:
+    """``model``'s inputs for the mixup of a batch: example i blended as ``w[i]·x_i + (1 − w[i])·x_partner[i]``.
+
+    Text is blended in ``model``'s own input embedding (``inputs_embeds``; a token id cannot be blended), so a reduced
+    embedding blends its own codes: teacher and student see the same mix of the same examples. A position is real if
+    it is real in either example. Images are blended in pixel space.
+
+    Args:
+        model: the model that will read the inputs (its input embedding is used for text).
+        features: the batch's model inputs, without labels: ``input_ids`` (text) or ``pixel_values`` (images).
+        weight: (B,) blend weights w in [0, 1].
+        partner: (B,) index of the example each one is blended with.
+
+    Returns:
+        The model inputs of the blended batch.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> images = {"pixel_values": torch.tensor([[0.0, 0.0], [1.0, 1.0]])}
+        >>> mixup_inputs(nn.Identity(), images, torch.tensor([0.25, 1.0]), torch.tensor([1, 0]))["pixel_values"]
+        tensor([[0.7500, 0.7500],
+                [1.0000, 1.0000]])
+    """
+    mixed = {key: value for key, value in features.items() if key not in ("input_ids", "output_hidden_states")}
+    if "input_ids" in features:
+        embedding = getattr(model, "module", model).get_input_embeddings()  # a DDP wrapper holds it in .module
+        inputs = embedding(features["input_ids"])
+        key = "inputs_embeds"
+    elif "pixel_values" in features:
+        inputs, key = features["pixel_values"], "pixel_values"
+    else:
+        raise ValueError("distillation_mixup > 0 needs batches with input_ids (text) or pixel_values (images); this "
+                         f"batch has {sorted(features)}. Set distillation_mixup=0.")
+    blend = weight.to(inputs.dtype).view(-1, *[1] * (inputs.dim() - 1))
+    mixed[key] = blend * inputs + (1 - blend) * inputs[partner]
+    if features.get("attention_mask") is not None:
+        mask = features["attention_mask"]
+        mixed["attention_mask"] = torch.maximum(mask, mask[partner])
+    return mixed
+
+
+def mixup_copy_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    features: dict,
+    *,
+    concentration: float,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: bool = False,
+) -> torch.Tensor:
+    """``T²·KL(p_teacher^T ‖ p_student^T)`` on a mixup of the batch (MixKD, Liang et al. 2021): each example blended
+    with a random other one by a weight λ ~ Beta(c, c) (`mixup_inputs`).
+
+    The teacher labels points between the training examples, which the data does not hold: the student learns the
+    teacher's function there too ("function matching"). The copy's labels are not used. Costs a second forward pass
+    of both models and a second backward pass.
+
+    Args:
+        student, teacher: the models (the teacher runs under ``no_grad``).
+        features: the batch's model inputs, without labels (see `mixup_inputs`).
+        concentration: c of Beta(c, c), > 0; small c keeps most blends close to one of the two examples.
+        temperature, num_items_in_batch, shift_labels: as in `distillation_loss`.
+
+    Returns:
+        The scalar term, normalised like `distillation_loss`'s teacher term.
+    """
+    some = next(value for value in features.values() if isinstance(value, torch.Tensor))
+    size = some.shape[0]
+    partner = torch.randperm(size).to(some.device)
+    weight = torch.distributions.Beta(float(concentration), float(concentration)).sample((size,)).to(some.device)
+    student_inputs = mixup_inputs(student, features, weight, partner)
+    student_logits = student(**student_inputs).logits
+    with torch.no_grad():
+        teacher_logits = teacher(**mixup_inputs(teacher, features, weight, partner)).logits
+    token_level = student_logits.dim() == 3  # then padding must not count
+    term, _, _ = distillation_loss(student_logits, teacher_logits, None, temperature=temperature,
+                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
+                                   attention_mask=student_inputs.get("attention_mask") if token_level else None)
     return term
 
 

@@ -43,6 +43,7 @@ from .distillation import (
     hidden_state_loss,
     mask_tokenizer,
     masked_copy_loss,
+    mixup_copy_loss,
     teacher_copy,
 )
 from .hub import push_model
@@ -151,6 +152,11 @@ class RMTKDTrainer(Trainer):
                 model, self.teacher, features, tokenizer, probability=self.args.distillation_mask_prob,
                 neighbours=self._token_neighbours(tokenizer), temperature=self.args.distillation_temperature,
                 num_items_in_batch=num_items_in_batch, shift_labels=self._is_causal_lm)
+        if distilling and self.args.distillation_mixup > 0:
+            loss = loss + (1.0 - self.args.distillation_alpha) * mixup_copy_loss(
+                model, self.teacher, features, concentration=self.args.distillation_mixup,
+                temperature=self.args.distillation_temperature, num_items_in_batch=num_items_in_batch,
+                shift_labels=self._is_causal_lm)
         if model.training and not torch.isfinite(loss.detach()).all():
             # The cut model diverged: stop this round's training now; the round is rolled back (see `train`).
             self._nonfinite_loss = True
@@ -544,6 +550,7 @@ class RMTKDTrainer(Trainer):
                          "distillation_temperature": a.distillation_temperature,
                          "distillation_mask_prob": a.distillation_mask_prob,
                          "distillation_copy_tokens": a.distillation_copy_tokens,
+                         "distillation_mixup": a.distillation_mixup,
                          "embedding_vocabulary": a.embedding_vocabulary,
                          "max_metric_drop": a.max_metric_drop, "target_params": a.target_params,
                          "sites_per_round": a.sites_per_round},

@@ -269,6 +269,16 @@ class RMTKDTrainingArguments(TrainingArguments):
         },
     )
 
+    distillation_mixup: float = field(
+        default=0.0,
+        metadata={
+            "help": "While distilling, also run both models on a mixup of each batch (MixKD): every example blended "
+            "with another one of the batch by a weight drawn from Beta(c, c), c being this value (text in the input "
+            "embedding, images in pixel space), and add the teacher term on it, (1 - alpha) T^2 KL (the labels are "
+            "not used). Costs a second forward and backward pass per step. > 0 turns it on; 0 turns it off.",
+        },
+    )
+
     # ---- stopping: when cutting ends ---------------------------------------------------------------------------
     target_params: float | None = field(
         default=None,
@@ -430,6 +440,8 @@ class RMTKDTrainingArguments(TrainingArguments):
         positive("distillation_temperature")
         number_in("distillation_mask_prob", 0, 1, low_open=False, high_open=True)
         one_of("distillation_copy_tokens", COPY_TOKENS)
+        self._require("distillation_mixup", _is_number(self.distillation_mixup) and self.distillation_mixup >= 0,
+                      "be >= 0")
         self._require("distillation_hidden_weight",
                       _is_number(self.distillation_hidden_weight) and self.distillation_hidden_weight >= 0, "be >= 0")
         narrows_stream = isinstance(self.reduction_kinds, list) and "residual" in self.reduction_kinds
