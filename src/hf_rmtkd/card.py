@@ -70,6 +70,7 @@ SETTING_LABELS = {
     "temperature": "T (distillation temperature)",
     "distillation_mask_prob": "masked-copy distillation (share of tokens masked)",
     "distillation_copy_tokens": "what the copy's chosen tokens become ('neighbours': nearby words)",
+    "distillation_mixup": "mixup distillation (c of the Beta(c, c) blend weights; 0: off)",
     "embedding_vocabulary": "tokens whose embedding codes are stored ('train': those of the training data)",
     "max_metric_drop": "largest metric drop accepted per round",
     "target_params": "parameter target",
