@@ -385,13 +385,20 @@ def masked_copy_loss(
         changed = substitute_tokens(ids, attention, neighbours=neighbours, special_ids=tokenizer.all_special_ids,
                                     probability=probability)
     copy = {**features, "input_ids": changed, "output_hidden_states": False}
-    student_logits = student(**copy).logits
+    return _teacher_term_on(student, teacher, copy, copy, temperature=temperature,
+                            num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
+
+
+def _teacher_term_on(student: nn.Module, teacher: nn.Module, student_inputs: dict, teacher_inputs: dict,
+                     **loss_options) -> torch.Tensor:
+    """The teacher term of `distillation_loss` (no labels) on inputs made for each model; a token-level output
+    counts the positions the student's ``attention_mask`` calls real."""
+    student_logits = student(**student_inputs).logits
     with torch.no_grad():
-        teacher_logits = teacher(**copy).logits
+        teacher_logits = teacher(**teacher_inputs).logits
     token_level = student_logits.dim() == 3  # then padding must not count
-    term, _, _ = distillation_loss(student_logits, teacher_logits, None, temperature=temperature,
-                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
-                                   attention_mask=features.get("attention_mask") if token_level else None)
+    term, _, _ = distillation_loss(student_logits, teacher_logits, None, **loss_options,
+                                   attention_mask=student_inputs.get("attention_mask") if token_level else None)
     return term
 
 
@@ -467,15 +474,9 @@ def mixup_copy_loss(
     size = some.shape[0]
     partner = torch.randperm(size).to(some.device)
     weight = torch.distributions.Beta(float(concentration), float(concentration)).sample((size,)).to(some.device)
-    student_inputs = mixup_inputs(student, features, weight, partner)
-    student_logits = student(**student_inputs).logits
-    with torch.no_grad():
-        teacher_logits = teacher(**mixup_inputs(teacher, features, weight, partner)).logits
-    token_level = student_logits.dim() == 3  # then padding must not count
-    term, _, _ = distillation_loss(student_logits, teacher_logits, None, temperature=temperature,
-                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
-                                   attention_mask=student_inputs.get("attention_mask") if token_level else None)
-    return term
+    return _teacher_term_on(student, teacher, mixup_inputs(student, features, weight, partner),
+                            mixup_inputs(teacher, features, weight, partner), temperature=temperature,
+                            num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:
