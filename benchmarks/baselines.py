@@ -37,6 +37,7 @@ from hf_rmtkd.distillation import (
     hidden_state_loss,
     mask_tokenizer,
     masked_copy_loss,
+    mixup_copy_loss,
 )
 from hf_rmtkd.modeling import rmtkd_class_for
 from hf_rmtkd.plan import keep_signal_fraction, plan_reductions
@@ -320,7 +321,8 @@ def _library_default(name: str):
 
 class KDTrainer(Trainer):
     """A `Trainer` whose loss is RMT-KD's against a frozen teacher, with the library's default weights:
-    ``α·CE + (1−α)·T²·KL(teacher ‖ student) + β·hidden_state_loss`` (+ the masked-copy term when ``mask_prob`` > 0).
+    ``α·CE + (1−α)·T²·KL(teacher ‖ student) + β·hidden_state_loss`` (+ the masked-copy term when ``mask_prob`` > 0,
+    the mixup term when ``mixup`` > 0).
 
     A student shallower than its teacher (layer dropping) matches its hidden states to evenly spaced ones of the
     teacher's (DistilBERT's pairing: student layer i against teacher layer 2i when every other layer is kept).
@@ -330,11 +332,12 @@ class KDTrainer(Trainer):
                  temperature: float = _library_default("distillation_temperature"),
                  hidden_weight: float = _library_default("distillation_hidden_weight"),
                  mask_prob: float = _library_default("distillation_mask_prob"),
-                 copy_tokens: str = _library_default("distillation_copy_tokens"), **kwargs):
+                 copy_tokens: str = _library_default("distillation_copy_tokens"),
+                 mixup: float = _library_default("distillation_mixup"), **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()  # used under no_grad only; its requires_grad flags stay as they are
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
-        self.mask_prob, self.copy_tokens = mask_prob, copy_tokens
+        self.mask_prob, self.copy_tokens, self.mixup = mask_prob, copy_tokens, mixup
         self._neighbours = None  # copy_tokens "neighbours": the substitution table, built at first use
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -356,6 +359,9 @@ class KDTrainer(Trainer):
                                                                 probability=self.mask_prob,
                                                                 neighbours=self._neighbours,
                                                                 temperature=self.temperature)
+        if self.mixup > 0:
+            loss = loss + (1.0 - self.alpha) * mixup_copy_loss(model, self.teacher, features,
+                                                               concentration=self.mixup, temperature=self.temperature)
         if self.hidden_weight > 0:
             student_hidden, teacher_hidden = outputs.hidden_states, teacher_outputs.hidden_states
             depth, teacher_depth = len(student_hidden) - 1, len(teacher_hidden) - 1
@@ -368,7 +374,7 @@ class KDTrainer(Trainer):
 # `RMTKDTrainingArguments` field -> `KDTrainer` argument: a loss given by the library's names reaches both alike.
 KD_LOSS_FIELDS = {"distillation_alpha": "alpha", "distillation_temperature": "temperature",
                   "distillation_hidden_weight": "hidden_weight", "distillation_mask_prob": "mask_prob",
-                  "distillation_copy_tokens": "copy_tokens"}
+                  "distillation_copy_tokens": "copy_tokens", "distillation_mixup": "mixup"}
 
 
 def distil(student: nn.Module, teacher: nn.Module, train_dataset, *, steps: int, args: TrainingArguments,

@@ -107,7 +107,7 @@ def test_conv_svd_and_no_distillation_rounds_run():
     _runs(cut, "resnet")
 
 
-@pytest.mark.parametrize("loss", [None, {"distillation_mask_prob": 0.5}])
+@pytest.mark.parametrize("loss", [None, {"distillation_mask_prob": 0.5}, {"distillation_mixup": 0.4}])
 def test_distil_trains_the_student_only(bert, tmp_path, loss):
     teacher = copy.deepcopy(bert)
     student = baselines.svd_uniform(bert, 6)
