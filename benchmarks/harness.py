@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import os
 import platform
@@ -10,6 +12,7 @@ import shutil
 import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,25 +34,92 @@ PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "nump
 class RowBook:
     """The rows of one benchmark run, written to ``path`` after every row, so an interrupted run resumes there.
 
+    With ``shared=True`` several processes (``run.py --worker``) fill one file: each row is made by the first process
+    to claim it (a file under ``<path>.claims/`` naming its process id; a dead process's claim is taken over), and
+    every write merges the rows the others saved meanwhile. Rows a process does not make are listed in ``left``.
+
     Example:
         >>> book = RowBook(Path("results/minilm_rt.partial.json"), resume=True)  # doctest: +SKIP
         >>> book.add("svd_uniform", lambda: {"accuracy": 0.8, "params": 4_500_000})  # doctest: +SKIP
     """
 
-    def __init__(self, path: os.PathLike | None, *, resume: bool):
+    def __init__(self, path: os.PathLike | None, *, resume: bool, shared: bool = False, make_timed: bool = True):
         self.path = path
+        self.shared = shared
+        self.make_timed = make_timed  # False: leave timed rows to a process that has the machine to itself
+        self.left: list[str] = []
         self.rows: dict[str, dict] = {}
-        if resume and path is not None and os.path.exists(path):
-            self.rows = json.loads(open(path).read())["rows"]
+        if (resume or shared) and path is not None and os.path.exists(path):
+            self.rows = self._saved_rows()
             print(f"Resuming: {len(self.rows)} rows already in {path}: {', '.join(self.rows)}", flush=True)
 
-    def add(self, name: str, make) -> dict:
-        """Return row ``name``: the saved one when resuming, else ``make()`` (a dict), saved before returning."""
-        if name not in self.rows:
-            self.rows[name] = make()
-            if self.path is not None:
-                write_text_atomic(self.path, json.dumps({"rows": self.rows}, indent=1))
-        return self.rows[name]
+    def add(self, name: str, make, *, timed: bool = False) -> dict | None:
+        """Return row ``name``: the saved one when resuming, else ``make()`` (a dict), saved before returning.
+
+        Returns None, and lists the row in ``left``, when it is timed and this book does not make timed rows, or when
+        another live process has claimed it.
+        """
+        if self.shared:
+            self.rows = {**self._saved_rows(), **self.rows}
+        if name in self.rows:
+            return self.rows[name]
+        if (timed and not self.make_timed) or (self.shared and not self._claim(name)):
+            self.left.append(name)
+            return None
+        try:
+            row = make()
+            with self._locked():
+                if self.shared:
+                    self.rows = {**self._saved_rows(), **self.rows}
+                self.rows[name] = row
+                if self.path is not None:
+                    write_text_atomic(self.path, json.dumps({"rows": self.rows}, indent=1))
+        finally:
+            if self.shared:
+                self._claim_file(name).unlink(missing_ok=True)
+        return row
+
+    def _saved_rows(self) -> dict:
+        if self.path is None or not os.path.exists(self.path):
+            return {}
+        return json.loads(Path(self.path).read_text())["rows"]
+
+    def _claim_file(self, name: str) -> Path:
+        return Path(f"{self.path}.claims") / name
+
+    def _claim(self, name: str) -> bool:
+        claim = self._claim_file(name)
+        claim.parent.mkdir(exist_ok=True)
+        with self._locked():
+            if claim.exists() and _process_alive(int(claim.read_text() or 0)):
+                return False
+            claim.write_text(str(os.getpid()))
+            return True
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold an exclusive lock on ``<path>.lock`` when shared (read-merge-write and claims must not interleave)."""
+        if not self.shared:
+            yield
+            return
+        with open(f"{self.path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def environment(seeds: list[int], script: str = "run.py") -> dict:
@@ -168,13 +238,13 @@ class Rows:
         self.book, self.teacher, self.test, self.collator = book, teacher, test, collator
         self.measure = dict(inputs=inputs, seq_len=seq_len, runs_b32=runs_b32, runs_b1=runs_b1)
 
-    def timed(self, name: str, compress, notes: str, extra: dict | None = None) -> dict:
+    def timed(self, name: str, compress, notes: str, extra: dict | None = None) -> dict | None:
         """A full row (`finish_row`): accuracy, sizes, speed, memory."""
         return self.book.add(name, lambda: finish_row(name, self.teacher, compress, test=self.test,
                                                       collator=self.collator, notes=notes, extra=extra,
-                                                      **self.measure)[1])
+                                                      **self.measure)[1], timed=True)
 
-    def accuracy_only(self, name: str, compress, extra: dict | None = None) -> dict:
+    def accuracy_only(self, name: str, compress, extra: dict | None = None) -> dict | None:
         """Another seed of a row, or a row whose shapes (so speed) are another row's: accuracy and size only, plus
         ``extra`` fields."""
         def make():
@@ -204,7 +274,7 @@ class Rows:
 
     def strongest_seeds(self, baselines: dict, seeds) -> None:
         """More seeds for the matched baseline most accurate at the first seed; ``baselines``: name -> (make, ...)."""
-        matched = [name for name in baselines if self.book.rows[name].get("matched")]
+        matched = [name for name in baselines if self.book.rows.get(name, {}).get("matched")]
         if matched:
             strongest = max(matched, key=lambda name: self.book.rows[name]["accuracy"])
             for seed in seeds:

@@ -7,6 +7,8 @@ Usage (from the repository root, offline):
     python benchmarks/run.py --paper-scale --smoke     # BERT-base-shaped path, a few steps (opt-in)
     python benchmarks/run.py --resume                  # continue an interrupted run from its saved rows
     python benchmarks/run.py --report-only             # rebuild summary.json, README table and plot
+    python benchmarks/run.py --worker --accuracy-only --threads 1 &  # two processes share the untimed rows;
+    python benchmarks/run.py --worker --threads 1                    # the last to finish writes the results
 
 Each benchmark writes ``benchmarks/results/<name>.json`` (command, versions, CPU, threads, seeds, every number);
 then `report.regenerate` rebuilds ``results/summary.json``, ``results/frontier.png`` and the README section. Quick
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -49,6 +52,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="with --paper-scale: 2 layers, a few steps")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows an interrupted run of the same mode saved in results/<name>.partial.json")
+    parser.add_argument("--worker", action="store_true",
+                        help="share results/<name>.<mode>.partial.json with other processes running the same mode: "
+                        "each row is made by the first to claim it; the results are written once every row exists")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="make only the untimed rows (extra seeds, same-shape variants); leave the timed ones "
+                        "to a run that has the machine to itself")
     parser.add_argument("--report-only", action="store_true", help="only rebuild summary, README table and plot")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for everything, timings included (default: torch's choice). "
@@ -78,14 +87,28 @@ def main() -> None:
             started = time.perf_counter()
             # Every finished row is saved here at once; the file is removed when the benchmark completes.
             partial = results / f"{name}.{'quick' if options.quick else 'full'}.partial.json"
-            book = RowBook(partial, resume=options.resume)
+            book = RowBook(partial, resume=options.resume, shared=options.worker,
+                           make_timed=not options.accuracy_only)
             resumed = list(book.rows)
             result = _run(name, options.quick, book)
+            while book.left:
+                missing = [row for row in book.left if row not in RowBook(partial, resume=True).rows]
+                if missing:
+                    print(f"{name}: rows left to other runs: {', '.join(missing)}; the finished rows are in "
+                          f"{partial}", flush=True)
+                    break
+                # Every row this run left to another worker exists now: go through once more to assemble them.
+                book = RowBook(partial, resume=True, shared=options.worker, make_timed=not options.accuracy_only)
+                result = _run(name, options.quick, book)
+            if book.left:
+                continue
             result["resumed_rows"] = resumed  # rows an earlier, interrupted run made: not in wall_seconds
             result["mode"] = "quick" if options.quick else "full"
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
             (results / f"{name}.json").write_text(json.dumps(result, indent=2))
             partial.unlink(missing_ok=True)
+            shutil.rmtree(f"{partial}.claims", ignore_errors=True)  # the workers' bookkeeping
+            Path(f"{partial}.lock").unlink(missing_ok=True)
             print(f"{name}: {result['wall_seconds']:.0f} s, wrote {results / f'{name}.json'}", flush=True)
     report.regenerate(results, readme=None if options.quick else report.README)
 

@@ -165,6 +165,8 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
     rmtkd_row = rows.timed("rmtkd", rmtkd(first), f"RMTKDTrainer, library defaults but target_params {TARGET_PARAMS}, "
                            f"max_metric_drop {MAX_METRIC_DROP}, lr {LEARNING_RATE}; {budget.sites_per_round} sites "
                            f"per round, {budget.steps_per_round} steps per round, {budget.final_steps} final steps")
+    if rmtkd_row is None:  # another worker is making it, and every later row is matched to it
+        return None
     target, steps = rmtkd_row["params"], rmtkd_row["distillation_steps"]
 
     def matched(extra: dict, params: int) -> dict:

@@ -4,6 +4,8 @@ import copy
 import inspect
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -275,6 +277,43 @@ def test_row_book_saves_every_row_and_resumes(tmp_path):
     resumed = harness.RowBook(path, resume=True)
     assert resumed.add("teacher", fail) == {"accuracy": 0.8}
     assert harness.RowBook(path, resume=False).rows == {}
+
+
+def test_shared_row_books_split_the_rows_between_processes_and_merge_them(tmp_path):
+    import harness
+
+    def fail():
+        raise AssertionError("a row claimed by a live process must be left to it")
+
+    path = tmp_path / "bench.partial.json"
+    first, second = (harness.RowBook(path, resume=False, shared=True) for _ in range(2))
+    first.add("teacher", lambda: {"accuracy": 0.8})
+    claim = tmp_path / "bench.partial.json.claims" / "rmtkd"
+    claim.write_text(str(os.getppid()))  # a live process (this one's parent) is making "rmtkd"
+    assert second.add("rmtkd", fail) is None
+    assert second.left == ["rmtkd"]
+    assert second.add("pca_energy", lambda: {"accuracy": 0.7}) == {"accuracy": 0.7}
+    assert json.loads(path.read_text())["rows"] == {"teacher": {"accuracy": 0.8}, "pca_energy": {"accuracy": 0.7}}
+    assert not (claim.parent / "pca_energy").exists()  # released once saved
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    claim.write_text(str(finished.pid))  # a dead process's claim is taken over
+    assert first.add("rmtkd", lambda: {"accuracy": 0.75}) == {"accuracy": 0.75}
+    assert set(first.rows) == {"teacher", "pca_energy", "rmtkd"}
+
+
+def test_a_row_book_can_leave_the_timed_rows_to_another_run(tmp_path):
+    import harness
+
+    book = harness.RowBook(tmp_path / "rows.json", resume=False, make_timed=False)
+
+    def fail():
+        raise AssertionError("timed rows are left to a run with the machine to itself")
+
+    assert book.add("rmtkd_tau_search", fail, timed=True) is None
+    assert book.add("rmtkd_seed1", lambda: {"accuracy": 0.8}) == {"accuracy": 0.8}
+    assert book.left == ["rmtkd_tau_search"]
 
 
 @pytest.mark.parametrize("params,matched", [(102, True), (98, True), (104, False), (96, False)])
