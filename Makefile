@@ -40,6 +40,8 @@ clean:
 
 # Benchmarks: results in benchmarks/results/, the README "Benchmarks" section regenerated from them.
 # Extra flags through BENCH_FLAGS, e.g. `make bench-quick BENCH_FLAGS="--threads 1"` on a shared machine.
+# Processes can share one run: `make bench BENCH_FLAGS="--worker --accuracy-only --threads 1"` in several shells
+# make the untimed rows; then `make bench BENCH_FLAGS=--resume` alone makes the timed ones and writes the results.
 BENCH_FLAGS ?=
 
 bench: install
