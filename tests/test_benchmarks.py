@@ -303,6 +303,35 @@ def test_shared_row_books_split_the_rows_between_processes_and_merge_them(tmp_pa
     assert set(first.rows) == {"teacher", "pca_energy", "rmtkd"}
 
 
+def test_a_worker_writes_the_results_once_the_rows_it_left_to_another_exist(tmp_path, monkeypatch):
+    import run
+
+    results = tmp_path / "quick"
+    partial = results / "minilm_rt.quick.partial.json"
+    claims = Path(f"{partial}.claims")
+    claims.mkdir(parents=True)
+    (claims / "rmtkd").write_text(str(os.getppid()))  # another live worker is making "rmtkd"
+
+    def other_worker_saves_rmtkd():
+        rows = json.loads(partial.read_text())["rows"] if partial.exists() else {}
+        partial.write_text(json.dumps({"rows": {**rows, "rmtkd": {"accuracy": 0.8}}}))
+        (claims / "rmtkd").unlink()
+
+    def benchmark(name, quick, book):
+        book.add("rmtkd", lambda: pytest.fail("claimed by another worker"))
+        book.add("pca_energy", lambda: other_worker_saves_rmtkd() or {"accuracy": 0.7})
+        return {"benchmark": name, "rows": dict(book.rows)}
+
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    monkeypatch.setattr(run, "_run", benchmark)
+    monkeypatch.setattr(report, "regenerate", lambda results, readme: None)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--quick", "--only", "minilm_rt", "--worker"])
+    run.main()
+    written = json.loads((results / "minilm_rt.json").read_text())
+    assert written["rows"] == {"rmtkd": {"accuracy": 0.8}, "pca_energy": {"accuracy": 0.7}}
+    assert not partial.exists() and not claims.exists()
+
+
 def test_a_row_book_can_leave_the_timed_rows_to_another_run(tmp_path):
     import harness
 
