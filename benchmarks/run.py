@@ -7,8 +7,8 @@ Usage (from the repository root, offline):
     python benchmarks/run.py --paper-scale --smoke     # BERT-base-shaped path, a few steps (opt-in)
     python benchmarks/run.py --resume                  # continue an interrupted run from its saved rows
     python benchmarks/run.py --report-only             # rebuild summary.json, README table and plot
-    python benchmarks/run.py --worker --accuracy-only --threads 1 &  # two processes share the untimed rows;
-    python benchmarks/run.py --worker --threads 1                    # the last to finish writes the results
+    python benchmarks/run.py --worker --accuracy-only --threads 1  # in 2+ shells: they share the untimed rows,
+    python benchmarks/run.py --resume                               # then alone: the timed rows and the results
 
 Each benchmark writes ``benchmarks/results/<name>.json`` (command, versions, CPU, threads, seeds, every number);
 then `report.regenerate` rebuilds ``results/summary.json``, ``results/frontier.png`` and the README section. Quick

@@ -203,8 +203,9 @@ def _kd_args(seed: int) -> TrainingArguments:
                              report_to=[], disable_tqdm=True, use_cpu=True, seed=seed)
 
 
-def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict:
-    """Run every row of the text benchmark (rows already in ``book`` are kept) and return the result record."""
+def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
+    """Run every row of the text benchmark (rows already in ``book`` are kept) and return the result record (None when
+    another worker is still making the ``rmtkd`` row every other row is matched to)."""
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     data = load_data(tokenizer, budget)
     collator = DataCollatorWithPadding(tokenizer)

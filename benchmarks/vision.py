@@ -136,8 +136,9 @@ def _kd_args(seed: int) -> TrainingArguments:
                              disable_tqdm=True, use_cpu=True, seed=seed)
 
 
-def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict:
-    """Run every row of the vision benchmark (rows already in ``book`` are kept) and return the result record."""
+def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
+    """Run every row of the vision benchmark (rows already in ``book`` are kept) and return the result record
+    (None when another worker is still making the ``rmtkd`` row every other row is matched to)."""
     data = load_data(budget)
     teacher, teacher_source = load_teacher(data)
     teacher.eval()
