@@ -60,7 +60,7 @@ class RowBook:
         another live process has claimed it.
         """
         if self.shared:
-            self.rows = {**self._saved_rows(), **self.rows}
+            self._merge_saved()
         if name in self.rows:
             return self.rows[name]
         if (timed and not self.make_timed) or (self.shared and not self._claim(name)):
@@ -69,8 +69,8 @@ class RowBook:
         try:
             row = make()
             with self._locked():
-                if self.shared:
-                    self.rows = {**self._saved_rows(), **self.rows}
+                if self.shared:  # the rows the other processes saved while this one was made
+                    self._merge_saved()
                 self.rows[name] = row
                 if self.path is not None:
                     write_text_atomic(self.path, json.dumps({"rows": self.rows}, indent=1))
@@ -78,6 +78,14 @@ class RowBook:
             if self.shared:
                 self._claim_file(name).unlink(missing_ok=True)
         return row
+
+    def unmade(self) -> list[str]:
+        """The rows in ``left`` that no process has saved yet (another worker may have finished some since)."""
+        saved = self._saved_rows()
+        return [name for name in self.left if name not in saved]
+
+    def _merge_saved(self) -> None:
+        self.rows = {**self._saved_rows(), **self.rows}
 
     def _saved_rows(self) -> dict:
         if self.path is None or not os.path.exists(self.path):

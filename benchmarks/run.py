@@ -92,7 +92,7 @@ def main() -> None:
             resumed = list(book.rows)
             result = _run(name, options.quick, book)
             while book.left:
-                missing = [row for row in book.left if row not in RowBook(partial, resume=True).rows]
+                missing = book.unmade()
                 if missing:
                     print(f"{name}: rows left to other runs: {', '.join(missing)}; the finished rows are in "
                           f"{partial}", flush=True)

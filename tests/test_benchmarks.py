@@ -291,7 +291,7 @@ def test_shared_row_books_split_the_rows_between_processes_and_merge_them(tmp_pa
     claim = tmp_path / "bench.partial.json.claims" / "rmtkd"
     claim.write_text(str(os.getppid()))  # a live process (this one's parent) is making "rmtkd"
     assert second.add("rmtkd", fail) is None
-    assert second.left == ["rmtkd"]
+    assert second.left == second.unmade() == ["rmtkd"]
     assert second.add("pca_energy", lambda: {"accuracy": 0.7}) == {"accuracy": 0.7}
     assert json.loads(path.read_text())["rows"] == {"teacher": {"accuracy": 0.8}, "pca_energy": {"accuracy": 0.7}}
     assert not (claim.parent / "pca_energy").exists()  # released once saved
@@ -301,6 +301,7 @@ def test_shared_row_books_split_the_rows_between_processes_and_merge_them(tmp_pa
     claim.write_text(str(finished.pid))  # a dead process's claim is taken over
     assert first.add("rmtkd", lambda: {"accuracy": 0.75}) == {"accuracy": 0.75}
     assert set(first.rows) == {"teacher", "pca_energy", "rmtkd"}
+    assert second.unmade() == []  # the row it left is saved now
 
 
 def test_a_worker_writes_the_results_once_the_rows_it_left_to_another_exist(tmp_path, monkeypatch):
