@@ -48,6 +48,7 @@ class RowBook:
         self.shared = shared
         self.make_timed = make_timed  # False: leave timed rows to a process that has the machine to itself
         self.left: list[str] = []
+        self.asked: list[str] = []  # the names add() was called with, in the benchmark's order
         self.rows: dict[str, dict] = {}
         if (resume or shared) and path is not None and os.path.exists(path):
             self.rows = self._saved_rows()
@@ -59,6 +60,7 @@ class RowBook:
         Returns None, and lists the row in ``left``, when it is timed and this book does not make timed rows, or when
         another live process has claimed it.
         """
+        self.asked.append(name)
         if self.shared:
             self._merge_saved()
         if name in self.rows:
@@ -78,6 +80,11 @@ class RowBook:
             if self.shared:
                 self._claim_file(name).unlink(missing_ok=True)
         return row
+
+    def rows_in_order(self) -> dict[str, dict]:
+        """The rows in the order the benchmark asks for them: a resumed or shared file holds them in the order they
+        were finished, which is not the order a reader of the table expects."""
+        return {name: self.rows[name] for name in self.asked if name in self.rows}
 
     def unmade(self) -> list[str]:
         """The rows in ``left`` that no process has saved yet (another worker may have finished some since)."""

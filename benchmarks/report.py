@@ -281,8 +281,8 @@ def _notes(result: dict) -> list[str]:
     lines = []
     if "log" in rmtkd:
         rounds, kept = len(rmtkd["log"]), rmtkd["accepted_rounds"]
-        lines.append(f"- RMT-KD run: {rounds} rounds, {kept} kept, {rounds - kept} rolled back on validation; "
-                     f"stopped: {rmtkd['stop_reason']}; "
+        lines.append(f"- RMT-KD run: {rounds} round{'s' * (rounds != 1)}, {kept} kept, "
+                     f"{rounds - kept} rolled back on validation; stopped: {rmtkd['stop_reason']}; "
                      f"{rmtkd['distillation_steps']} distillation steps in all.")
     lines += [f"- `{name}`: {row['notes']}" for name, row in result["rows"].items() if row.get("notes")]
     return lines
@@ -349,7 +349,7 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         env = result["environment"]
         lines += [
             f"### `{name}` ({result.get('mode', '?')} mode, {result.get('wall_seconds', 0) / 60:.0f} min"
-            + (f" for the rows after a resume; {len(result['resumed_rows'])} rows came from an earlier run: "
+            + (f" for the rows after a resume; {len(result['resumed_rows'])} rows came from earlier runs: "
                + ", ".join(result["resumed_rows"]) + ")"
                if result.get("resumed_rows") else ")"),
             "",

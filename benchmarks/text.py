@@ -326,5 +326,5 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
         "timing_input": f"random token ids, seq_len {MAX_LENGTH}, no padding; batch 32 (throughput), batch 1 "
                         "(latency); teacher and row model alternating in one process",
         "match_tolerance": MATCH_TOLERANCE,
-        "rows": fold_seed_rows(book.rows),
+        "rows": fold_seed_rows(book.rows_in_order()),
     }

@@ -216,5 +216,5 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
         "timing_input": "random 1x28x28 images; batch 32 (throughput), batch 1 (latency); teacher and row model "
                         "alternating in one process",
         "match_tolerance": MATCH_TOLERANCE,
-        "rows": fold_seed_rows(book.rows),
+        "rows": fold_seed_rows(book.rows_in_order()),
     }

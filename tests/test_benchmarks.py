@@ -279,6 +279,17 @@ def test_row_book_saves_every_row_and_resumes(tmp_path):
     assert harness.RowBook(path, resume=False).rows == {}
 
 
+def test_row_book_gives_rows_in_the_order_asked_not_the_order_finished(tmp_path):
+    import harness
+
+    path = tmp_path / "bench.partial.json"
+    path.write_text(json.dumps({"rows": {"pca_energy": {"accuracy": 0.7}, "teacher": {"accuracy": 0.8}}}))
+    book = harness.RowBook(path, resume=True)
+    for name in ("teacher", "rmtkd", "pca_energy"):
+        book.add(name, lambda: {"accuracy": 0.75})
+    assert list(book.rows_in_order()) == ["teacher", "rmtkd", "pca_energy"]
+
+
 def test_shared_row_books_split_the_rows_between_processes_and_merge_them(tmp_path):
     import harness
 
