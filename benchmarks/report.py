@@ -224,24 +224,38 @@ def _probe_lines(probe: dict) -> list[str]:
     return [*lines, ""]
 
 
+PLOT_DEPTH = 10.0  # points of accuracy under the teacher that the frontier plot shows
+
+
 def _plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     for ax, (name, result) in zip(axes[0], results.items(), strict=True):
-        rows = result["rows"]
-        for row_name, row in rows.items():
-            marker, size = ("*", 220) if row_name == "rmtkd" else ("s", 90) if row_name == "teacher" else ("o", 50)
-            ax.scatter(row["params"] / 1e6, row["accuracy"] * 100, marker=marker, s=size, zorder=3)
-            ax.annotate(row_name, (row["params"] / 1e6, row["accuracy"] * 100), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+        # Seed means with their spread, as in the table; a legend, not labels: the matched rows share one x. The
+        # axis stops PLOT_DEPTH points under the teacher so the rows worth comparing are not squeezed together by a
+        # collapsed one; those are drawn on the floor, pointing down, with their accuracy in the legend.
+        floor = result["rows"]["teacher"]["accuracy"] * 100 - PLOT_DEPTH
+        for colour, (row_name, row) in zip(colours, result["rows"].items(), strict=False):
+            marker, size = ("*", 16) if row_name == "rmtkd" else ("s", 9) if row_name == "teacher" else ("o", 7)
+            colour = "black" if row_name == "rmtkd" else colour
+            seeds = [a * 100 for a in row.get("seed_accuracies") or [row["accuracy"]]]
+            mean, spread = statistics.fmean(seeds), statistics.stdev(seeds) if len(seeds) > 1 else 0.0
+            label = row_name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+            if mean < floor:
+                marker, mean, spread, label = "v", floor, 0.0, f"{label}: {mean:.1f}%, below the axis"
+            ax.errorbar(row["params"] / 1e6, mean, yerr=spread, marker=marker, markersize=size, color=colour,
+                        linestyle="none", capsize=3, zorder=4 if row_name == "rmtkd" else 3, label=label)
+        ax.set_ylim(bottom=floor - 0.5)
         ax.set_xlabel("total parameters (millions)")
         ax.set_ylabel(f"test accuracy (%), {result['data']['test']:,} examples")
         ax.set_title(f"{name} ({result.get('mode', '?')} mode)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -341,8 +355,9 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         "split, which chose nothing; RMT-KD's rounds are accepted on a validation split carved from the training "
         "part. Ratios are teacher time ÷ model time (above 1 = faster), measured alternately in one process on "
         "random inputs; the FLOP ratio is the ceiling. Baselines are sized to RMT-KD's total parameter count "
-        "(±3%, *matched*) and distilled with RMT-KD's loss for as many steps as RMT-KD trained. "
-        "Plot: `benchmarks/results/frontier.png` (accuracy vs parameters).",
+        "(±3%, *matched*) and distilled with RMT-KD's loss for as many steps as RMT-KD trained.",
+        "",
+        "![Test accuracy against total parameters, every row: seed means ± std](benchmarks/results/frontier.png)",
         "",
     ]
     for name, result in results.items():

@@ -193,6 +193,7 @@ def test_regenerate_writes_summary_plot_and_one_readme_section(tmp_path):
     assert "missed" in text  # the synthetic RMT-KD row misses the 80% cut, and the README says so
     report.validate_summary(json.loads((tmp_path / "summary.json").read_text()))
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert "](benchmarks/results/frontier.png)" in text  # the plot is shown, not only named
 
 
 def test_quick_regenerate_prints_its_table_and_leaves_the_readme(tmp_path, capsys):
