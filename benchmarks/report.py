@@ -244,9 +244,9 @@ def _plot(results: dict[str, dict], path: Path) -> None:
         # axis stops PLOT_DEPTH points under the teacher so the rows worth comparing are not squeezed together by a
         # collapsed one; those are drawn on the floor, pointing down, with their accuracy in the legend.
         floor = result["rows"]["teacher"]["accuracy"] * 100 - PLOT_DEPTH
-        for colour, (row_name, row) in zip(colours, result["rows"].items(), strict=False):
+        for index, (row_name, row) in enumerate(result["rows"].items()):
             marker, size = ("*", 16) if row_name == "rmtkd" else ("s", 9) if row_name == "teacher" else ("o", 7)
-            colour = "black" if row_name == "rmtkd" else colour
+            colour = "black" if row_name == "rmtkd" else colours[index % len(colours)]
             seeds = [a * 100 for a in row.get("seed_accuracies") or [row["accuracy"]]]
             mean, spread = statistics.fmean(seeds), statistics.stdev(seeds) if len(seeds) > 1 else 0.0
             label = row_name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
