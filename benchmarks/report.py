@@ -52,12 +52,12 @@ def summarize(result: dict) -> dict:
     """The summary entry (schema above) of one benchmark's result record."""
     rows = result["rows"]
     rmtkd = rows["rmtkd"]
-    accuracies = rmtkd.get("seed_accuracies") or [rmtkd["accuracy"]]
+    mean, std, _ = _seed_spread(rmtkd)
     return {
         "teacher": {"accuracy": rows["teacher"]["accuracy"], "params": rows["teacher"]["params"]},
         "rmtkd": {
-            "accuracy": statistics.fmean(accuracies),
-            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "accuracy": mean,
+            "accuracy_std": std,
             "params": rmtkd["params"],
             "throughput_ratio_b32": rmtkd["throughput_ratio_b32"],
             "latency_ratio_b1": rmtkd["latency_ratio_b1"],
@@ -100,8 +100,14 @@ def validate_summary(summary: dict) -> None:
             number(row["params"], f"{name}.baselines.{baseline}.params")
 
 
+def _seed_spread(row: dict) -> tuple[float, float | None, int]:
+    """A row's accuracy over its seeds: mean, standard deviation (None for one seed) and the number of seeds."""
+    seeds = row.get("seed_accuracies") or [row["accuracy"]]
+    return statistics.fmean(seeds), statistics.stdev(seeds) if len(seeds) > 1 else None, len(seeds)
+
+
 def _mean_accuracy(row: dict) -> float:
-    return statistics.fmean(row.get("seed_accuracies") or [row["accuracy"]])
+    return _seed_spread(row)[0]
 
 
 def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[str, bool, str]]:
@@ -247,9 +253,9 @@ def _plot(results: dict[str, dict], path: Path) -> None:
         for index, (row_name, row) in enumerate(result["rows"].items()):
             marker, size = ("*", 16) if row_name == "rmtkd" else ("s", 9) if row_name == "teacher" else ("o", 7)
             colour = "black" if row_name == "rmtkd" else colours[index % len(colours)]
-            seeds = [a * 100 for a in row.get("seed_accuracies") or [row["accuracy"]]]
-            mean, spread = statistics.fmean(seeds), statistics.stdev(seeds) if len(seeds) > 1 else 0.0
-            label = row_name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+            mean, std, seeds = _seed_spread(row)
+            mean, spread = mean * 100, (std or 0.0) * 100
+            label = row_name + (f" ({seeds} seeds)" if seeds > 1 else "")
             if mean < floor:
                 marker, mean, spread, label = "v", floor, 0.0, f"{label}: {mean:.1f}%, below the axis"
             ax.errorbar(row["params"] / 1e6, mean, yerr=spread, marker=marker, markersize=size, color=colour,
@@ -274,9 +280,8 @@ def _table(name: str, result: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row_name, row in rows.items():
-        seeds = row.get("seed_accuracies", [])
-        mean = statistics.fmean(seeds) if len(seeds) > 1 else row["accuracy"]
-        accuracy = f"{mean:.2%}" + (f" ± {statistics.stdev(seeds):.2%} ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+        mean, std, seeds = _seed_spread(row)
+        accuracy = f"{mean:.2%}" + (f" ± {std:.2%} ({seeds} seeds)" if std is not None else "")
         matched = "" if "matched" not in row else (" (matched)" if row["matched"] else " (**not matched**)")
         size = f"{row['safetensors_bytes'] / 1e6:.1f} MB" if "safetensors_bytes" in row else "—"
 
