@@ -157,3 +157,59 @@ def test_every_training_argument_is_a_compress_option(capsys):
     for field in fields(RMTKDTrainingArguments):
         if field.init and not field.name.startswith("_"):
             assert f"--{field.name}" in text, field.name
+
+
+@pytest.fixture(scope="module")
+def tiny_image_task(tmp_path_factory):
+    """A tiny random ResNet classifier with its image processor, and a save_to_disk dataset of 16x16 RGB images whose
+    label is the brightest colour channel."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("images")
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck",
+                          num_labels=3)
+    ResNetForImageClassification(config).save_pretrained(root / "classifier")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "classifier")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8)
+    rows = {"image": [Image.fromarray(p) for p in pixels],
+            "label": [int(p.reshape(-1, 3).mean(0).argmax()) for p in pixels]}
+    data = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": data.select(range(64)), "test": data.select(range(64, 96))}).save_to_disk(
+        root / "data")
+    return root
+
+
+def test_compress_an_image_classifier_and_fold_its_batchnorms(tiny_image_task, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForImageClassification
+
+    out = tmp_path / "run"
+    status = main(["compress", "--model", str(tiny_image_task / "classifier"), "--dataset",
+                   str(tiny_image_task / "data"), "--image_column", "image", "--fold_batchnorm", "--output_dir",
+                   str(out), "--max_rounds", "1", "--sites_per_round", "2", "--distillation_steps_per_round", "2",
+                   "--min_rank", "2", "--max_metric_drop", "1.0", "--report_to", "none", "--save_strategy", "no",
+                   "--use_cpu", "--disable_tqdm", "True", "--per_device_train_batch_size", "16"])
+    assert status == 0, capsys.readouterr().err
+    checkpoint = out / "compressed"
+    kinds = [entry["kind"] for entry in json.loads((checkpoint / "config.json").read_text())["reductions"].values()]
+    assert kinds.count("folded_batchnorm") == 9 and "ffn_width" in kinds
+    assert "BatchNorm folded into the convolution before it in 9 layers" in (checkpoint / "README.md").read_text()
+    model = AutoModelForImageClassification.from_pretrained(checkpoint)
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert model(pixel_values=torch.randn(2, 3, 16, 16)).logits.shape == (2, 3)
+
+
+def test_fold_batchnorm_on_a_model_without_batchnorm_fails_before_training(tiny, tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main(["compress", "--model", str(tiny_classifier), "--dataset", str(tiny / "reviews.csv"),
+                   "--text_column", "review", "--label_column", "sentiment", "--output_dir", str(out),
+                   "--fold_batchnorm", "--report_to", "none", "--use_cpu"])
+    assert status == 2
+    assert "--fold_batchnorm: BertForSequenceClassification has no BatchNorm" in capsys.readouterr().err
+    assert not (out / "compressed").exists()

@@ -9,6 +9,7 @@ Importing the package registers the RMTKD config and model classes with the tran
 
 from . import spectrum
 from .api import analyze, compress
+from .batchnorm_folding import fold_batchnorm
 from .checkpoint import save_rmtkd_checkpoint
 from .hub import install_push_to_hub, push_model
 from .modeling import (
@@ -44,6 +45,7 @@ __all__ = [
     "SpectralReport",
     "analyze",
     "compress",
+    "fold_batchnorm",
     "push_model",
     "save_rmtkd_checkpoint",
     "spectrum",

@@ -231,6 +231,8 @@ def build_model_card(
         metric_change=_difference(metric_after, metric_before),
         sites=_site_rows(model, report, rmtkd_log),
         stream=_stream_widths(model),
+        folded_norms=sum(entry.get("kind") == "folded_batchnorm"
+                         for entry in (getattr(model.config, "reductions", None) or {}).values()),
         report_file=_listed(directory, REPORT_NAME, report is not None),
         log_file=_listed(directory, LOG_NAME, bool(rmtkd_log)),
         images=_images(directory, image_dir, report),

@@ -197,6 +197,9 @@ def add_compress_parser(subparsers) -> None:
     parser.add_argument("--max_length", type=int, default=64, help="Truncation length of text inputs, in tokens.")
     parser.add_argument("--test_split", default=None, help="Split to evaluate on; default: 'test', 'validation', or a "
                         "stratified 20%% of the training split (seed 0) when there is neither.")
+    parser.add_argument("--fold_batchnorm", action="store_true", help="Fold every BatchNorm into the convolution "
+                        "before it once compression is done (CNNs such as ResNet): same outputs, a smaller checkpoint, "
+                        "one operator less per convolution.")
     parser.set_defaults(run=run_compress)
 
 
@@ -241,7 +244,8 @@ def run_compress(args: argparse.Namespace) -> None:
     """Load, compress with `RMTKDTrainer`, save with the card, print a before/after summary."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    from . import RMTKDTrainer, RMTKDTrainingArguments
+    from . import RMTKDTrainer, RMTKDTrainingArguments, fold_batchnorm
+    from .batchnorm_folding import batchnorm_pairs
     from .metrics import compute_accuracy
 
     training_args = HfArgumentParser(RMTKDTrainingArguments).parse_dict(vars(args), allow_extra_keys=True)[0]
@@ -249,11 +253,15 @@ def run_compress(args: argparse.Namespace) -> None:
     train, test, processor = _classification_data(args, model_path)
     auto = AutoModelForSequenceClassification if args.image_column is None else AutoModelForImageClassification
     model = auto.from_pretrained(model_path)
+    if args.fold_batchnorm and not batchnorm_pairs(model):
+        raise ValueError(f"--fold_batchnorm: {type(model).__name__} has no BatchNorm after a convolution to fold.")
     trainer = RMTKDTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
                            processing_class=processor, compute_metrics=compute_accuracy)
     before = model.num_parameters()
     output = trainer.train()
     destination = Path(training_args.output_dir) / "compressed"
+    if args.fold_batchnorm:
+        trainer.model = fold_batchnorm(trainer.model)
     trainer.save_model(str(destination))
     after = trainer.model.num_parameters()
     print(f"Parameters: {before:,} -> {after:,} ({after / before - 1:+.1%}); {trainer.rmtkd_stop_reason}.")

@@ -11,7 +11,8 @@ from transformers import AutoConfig, PreTrainedConfig
 # 2: low_rank entries may share one projection ("shares_projection_with"), which version-1 code would misread.
 # 3: embedding entries may store codes for fewer tokens than the vocabulary ("rows", with a token -> row table).
 # 4: "residual" entries narrow the residual stream between post-LayerNorms (ReducedLayerNorm).
-FORMAT_VERSION = 4
+# 5: "folded_batchnorm" entries: a BatchNorm2d folded into the convolution before it (nn.Identity + a conv bias).
+FORMAT_VERSION = 5
 
 # Base-config fields copied to the top level, for code that reads them from `model.config` without knowing about
 # the wrapper: pipelines (labels), generation (special tokens), tooling that sizes things by `hidden_size`.
@@ -38,7 +39,7 @@ class RMTKDConfig(PreTrainedConfig):
             a ``PreTrainedConfig`` is accepted too.
         reductions: the reduction map ``{module path relative to the base model: entry}``, where an entry is
             ``{"kind": "low_rank", "rank": k}``, ``{"kind": "ffn_width", "width": k, "producers": [paths]}`` or
-            ``{"kind": "embedding", "rank": k}``.
+            ``{"kind": "embedding", "rank": k}`` (every kind: ``modeling/layers_rmtkd.py``).
         spectral_summary: JSON-able per-site summary of the spectra that decided the cuts (d, n, sigma2,
             lambda_plus, k, retained_variance, ...). Informational only.
         format_version: version of this layout; a checkpoint newer than this code is refused.

@@ -23,6 +23,9 @@ A reduction map is ``{module path: entry}``, with module paths relative to the w
   a post-LayerNorm becomes a :class:`ReducedLayerNorm` that reads the residual stream in r_in coordinates (None: the
   full hidden size) and writes it in r_out coordinates (None: full); the Linears reading its output (``readers``) and
   those adding into the same stream before the next norm (``writers``) are resized to r_out (format version 4).
+- ``{"kind": "folded_batchnorm", "into": <conv path>}``, keyed by a ``BatchNorm2d``'s path: the norm became
+  ``nn.Identity`` and its inference-time affine map lives in the convolution before it, which gains a bias (format
+  version 5). Installed last, so the convolution has whatever width the other entries gave it.
 """
 
 import torch
@@ -511,12 +514,33 @@ def plan_residual(model: nn.Module, path: str, entry: dict, device=None) -> dict
     return plan
 
 
+def plan_folded_batchnorm(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
+    """Shape-only replacements for a ``folded_batchnorm`` entry: ``nn.Identity`` at ``path``, a biased conv at
+    ``entry["into"]``."""
+    norm, into = get_submodule(model, path), entry.get("into")
+    if not isinstance(norm, nn.BatchNorm2d):
+        raise ModulePathError(f"folded_batchnorm '{path}': it is a {type(norm).__name__}, not nn.BatchNorm2d.")
+    if not isinstance(into, str):
+        raise ValueError(f"folded_batchnorm entry for '{path}' needs 'into', the path of the convolution before it.")
+    conv = get_submodule(model, into)
+    if type(conv) is not nn.Conv2d or conv.out_channels != norm.num_features:
+        raise ModulePathError(
+            f"folded_batchnorm '{path}': '{into}' must be an nn.Conv2d with {norm.num_features} output channels, "
+            f"got {type(conv).__name__}{f' with {conv.out_channels}' if isinstance(conv, nn.Conv2d) else ''}."
+        )
+    biased = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                       padding_mode=conv.padding_mode, **_factory(conv, device))
+    return {path: nn.Identity(), into: biased}
+
+
 PLANNERS = {
     "low_rank": plan_low_rank,
     "ffn_width": plan_ffn_width,
     "attention_heads": plan_attention_heads,
     "embedding": plan_embedding,
     "residual": plan_residual,
+    "folded_batchnorm": plan_folded_batchnorm,
 }
 # Kinds that resize a producer's output (e.g. ``intermediate.dense``, ``query``), which a ``low_rank`` entry may then
 # factor: they are installed first.
@@ -524,8 +548,9 @@ WIDTH_KINDS = ("ffn_width", "attention_heads")
 
 
 def install_order(kind: str) -> int:
-    """Width cuts first, then the residual stream (it resizes the other side of the same Linears), then factoring."""
-    return 0 if kind in WIDTH_KINDS else 1 if kind == "residual" else 2
+    """Width cuts first, then the residual stream (it resizes the other side of the same Linears), then factoring,
+    then BatchNorm folding (into convolutions at their final width)."""
+    return {**dict.fromkeys(WIDTH_KINDS, 0), "residual": 1, "folded_batchnorm": 3}.get(kind, 2)
 
 
 def plan_reduction(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
