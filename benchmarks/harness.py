@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from baselines import distil, rmtkd_without_distillation
-from measure import measure_row, rapl_files, timed
+from measure import checkpoint_bytes, measure_row, rapl_files, timed
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -214,8 +214,17 @@ def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, trai
     return trainer.model.eval(), info
 
 
+def export_sizes(model: nn.Module, export) -> dict:
+    """Parameters and safetensors bytes of ``export`` (e.g. `hf_rmtkd.fold_batchnorm`) applied to a copy of ``model``:
+    the deployed form's size, next to the trained form's. Empty without ``export``."""
+    if export is None:
+        return {}
+    exported = export(copy.deepcopy(model))
+    return {"export_params": parameter_count(exported), "export_safetensors_bytes": checkpoint_bytes(exported)}
+
+
 def finish_row(name: str, teacher: nn.Module, compress, *, test, collator, inputs, seq_len, runs_b32: int,
-               runs_b1: int, notes: str = "", extra: dict | None = None) -> tuple[nn.Module, dict]:
+               runs_b1: int, notes: str = "", extra: dict | None = None, export=None) -> tuple[nn.Module, dict]:
     """Compress (timed, memory sampled), evaluate on the test split and measure one row; print a one-line summary.
 
     Args:
@@ -226,13 +235,14 @@ def finish_row(name: str, teacher: nn.Module, compress, *, test, collator, input
         inputs, seq_len, runs_b32, runs_b1: as for `measure.measure_row`.
         notes: how the row was made, for the result file.
         extra: more fields for the row.
+        export: ``model -> model``, the deployed form whose size is recorded too (`export_sizes`).
     """
     produced, seconds, memory = timed(compress)
     model, info = produced if isinstance(produced, tuple) else (produced, {})
     model.eval()
     row = {"accuracy": evaluate_accuracy(model, test, collator=collator), "compression_seconds": round(seconds, 1),
            **memory, **measure_row(teacher, model, inputs, seq_len=seq_len, runs_b32=runs_b32, runs_b1=runs_b1),
-           **info, **(extra or {}), "notes": notes}
+           **export_sizes(model, export), **info, **(extra or {}), "notes": notes}
     print(f"[{name}] accuracy {row['accuracy']:.4f}, params {row['params']:,}, x{row['throughput_ratio_b32']:.2f} "
           f"b32, x{row['latency_ratio_b1']:.2f} b1, flops x{row['flop_ratio']:.2f}, {seconds:.0f} s", flush=True)
     return model, row
@@ -249,9 +259,9 @@ class Rows:
     """
 
     def __init__(self, book: RowBook, teacher: nn.Module, *, test, collator, inputs, seq_len, runs_b32: int,
-                 runs_b1: int):
+                 runs_b1: int, export=None):
         self.book, self.teacher, self.test, self.collator = book, teacher, test, collator
-        self.measure = dict(inputs=inputs, seq_len=seq_len, runs_b32=runs_b32, runs_b1=runs_b1)
+        self.measure = dict(inputs=inputs, seq_len=seq_len, runs_b32=runs_b32, runs_b1=runs_b1, export=export)
 
     def timed(self, name: str, compress, notes: str, extra: dict | None = None) -> dict | None:
         """A full row (`finish_row`): accuracy, sizes, speed, memory."""

@@ -164,6 +164,15 @@ def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[st
         checks.append(("file size falls at least in proportion to params", size_ratio <= param_ratio + 1e-3,
                        f"size x{size_ratio:.3f} vs params x{param_ratio:.3f} (bytes beyond 4 per parameter: "
                        f"{other_kb[0]:.0f} kB teacher, {other_kb[1]:.0f} kB RMT-KD)"))
+    if "export_safetensors_bytes" in teacher and "export_safetensors_bytes" in rmtkd:
+        size_ratio = rmtkd["export_safetensors_bytes"] / teacher["export_safetensors_bytes"]
+        export_ratio = rmtkd["export_params"] / teacher["export_params"]
+        # Folding leaves the header: tensor names, shapes and offsets, a few kB whatever the cut.
+        other_kb = [(row["export_safetensors_bytes"] - 4 * row["export_params"]) / 1e3 for row in (teacher, rmtkd)]
+        checks.append(("file size of the deployed form (BatchNorm folded into the convolutions, both models) falls "
+                       "at least in proportion to params", size_ratio <= param_ratio + 1e-3,
+                       f"size x{size_ratio:.3f} vs params x{param_ratio:.3f} (folded params x{export_ratio:.3f}; "
+                       f"bytes beyond 4 per parameter: {other_kb[0]:.0f} kB teacher, {other_kb[1]:.0f} kB RMT-KD)"))
     for batch in (32, 1):  # rows measured before the batch-1 peak existed have only batch 32
         if rmtkd.get(f"inference_memory_ratio_b{batch}") is None:
             continue

@@ -31,7 +31,7 @@ from baselines import (
     svd_rank_ratio,
     svd_rank_ratio_params,
 )
-from harness import RowBook, Rows, environment, evaluate_accuracy, run_rmtkd
+from harness import RowBook, Rows, environment, evaluate_accuracy, export_sizes, run_rmtkd
 from measure import checkpoint_bytes
 from report import fold_seed_rows
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments, set_seed
@@ -147,8 +147,10 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     calibration_inputs = calibration.remove_columns("labels")
 
+    # The deployed form of every timed row and the teacher: BatchNorm folded into the convolutions, which drops the
+    # running statistics a channel cut leaves at full width.
     rows = Rows(book, teacher, test=data["test"], collator=None, inputs=image_inputs, seq_len=None,
-                runs_b32=budget.runs_b32, runs_b1=budget.runs_b1)
+                runs_b32=budget.runs_b32, runs_b1=budget.runs_b1, export=hf_rmtkd.fold_batchnorm)
 
     def rmtkd(seed, quantile=0.5, target=TARGET_PARAMS):
         return lambda: run_rmtkd(teacher, _rmtkd_args(budget, seed, quantile, target), train=data["train"],
@@ -159,7 +161,7 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
         return {"accuracy": evaluate_accuracy(teacher, data["test"]),
                 "validation_accuracy": evaluate_accuracy(teacher, data["validation"]),
                 "params": params, "non_embedding_params": params, "safetensors_bytes": checkpoint_bytes(teacher),
-                "notes": teacher_source}
+                **export_sizes(teacher, hf_rmtkd.fold_batchnorm), "notes": teacher_source}
 
     teacher_result = book.add("teacher", teacher_row)
     print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)

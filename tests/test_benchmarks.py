@@ -125,6 +125,21 @@ def test_distil_trains_the_student_only(bert, tmp_path, loss):
         assert torch.equal(p, q)
 
 
+def test_export_sizes_record_the_folded_form_and_leave_the_model_alone():
+    import harness
+
+    import hf_rmtkd
+
+    resnet = tiny_model("resnet")
+    before = copy.deepcopy(resnet.state_dict())
+    sizes = harness.export_sizes(resnet, hf_rmtkd.fold_batchnorm)
+    # Folding drops each norm's weight (its bias becomes the conv's) and every running statistic.
+    assert sizes["export_params"] < parameter_count(resnet)
+    assert sizes["export_safetensors_bytes"] < measure.checkpoint_bytes(resnet)
+    assert all(torch.equal(t, before[k]) for k, t in resnet.state_dict().items())
+    assert harness.export_sizes(resnet, None) == {}
+
+
 def test_measure_row_reports_sizes_and_ratios(bert):
     small = baselines.svd_uniform(bert, 4)
     row = measure.measure_row(bert, small, lambda b, s: tiny_inputs("bert", batch=b, seq_len=s), seq_len=8,
@@ -433,6 +448,25 @@ def test_memory_target_is_judged_on_the_warm_peak_when_measured(memory, met):
     ok, measured = checks["peak inference memory (batch 32) falls at least in proportion to params"]
     assert ok is met
     assert ("warm memory" in measured) == ("warm_inference_memory_ratio_b32" in memory)
+
+
+EXPORT_TARGET = ("file size of the deployed form (BatchNorm folded into the convolutions, both models) falls at least "
+                 "in proportion to params")
+
+
+@pytest.mark.parametrize("rmtkd_bytes,met", [(None, None), (1600, True), (1700, False)])
+def test_the_deployed_file_size_is_judged_when_an_export_was_measured(rmtkd_bytes, met):
+    result = _synthetic_result()  # params x0.4
+    result["rows"]["teacher"].update(export_params=990, export_safetensors_bytes=4000)
+    if rmtkd_bytes is not None:
+        result["rows"]["rmtkd"].update(export_params=395, export_safetensors_bytes=rmtkd_bytes)
+    checks = {target: (ok, measured) for target, ok, measured in report.targets("minilm_rt", result)}
+    if met is None:
+        assert EXPORT_TARGET not in checks
+        return
+    ok, measured = checks[EXPORT_TARGET]
+    assert ok is met
+    assert f"size x{rmtkd_bytes / 4000:.3f} vs params x0.400 (folded params x0.399" in measured
 
 
 @pytest.mark.parametrize("student_kind", ["svd_uniform", "layer_drop"])
