@@ -50,7 +50,9 @@ HERE = Path(__file__).resolve().parent
 CACHED_TEACHER = HERE / ".cache" / "resnet_mnist_teacher"
 ARCHITECTURE = dict(num_channels=1, embedding_size=32, hidden_sizes=[64, 128, 256], depths=[2, 2, 2],
                     layer_type="bottleneck", num_labels=10)
-TEACHER_SETTINGS = {"architecture": ARCHITECTURE, "train_examples": 3500, "epochs": 12, "learning_rate": 1e-3,
+# Learning rate and epochs chosen on validation (`vision_sweep.py --teacher-only`, results/vision_sweep.jsonl): 0.984
+# against 0.956 for the earlier 12 epochs at 1e-3, whose students came out more accurate than it.
+TEACHER_SETTINGS = {"architecture": ARCHITECTURE, "train_examples": 3500, "epochs": 48, "learning_rate": 4e-3,
                     "batch_size": 64, "seed": 0, "best_epoch_on_validation": True}
 KINDS = list(DEFAULT_KINDS)  # the library default, for the baselines that reuse its planner
 MIN_RANK = 8  # the library default
@@ -79,7 +81,9 @@ QUICK = VisionBudget(sites_per_round=64, steps_per_round=60, final_steps=60, tau
 FULL = VisionBudget(sites_per_round=4, steps_per_round=100, final_steps=300, tau_steps=None, runs_b32=50,
                     runs_b1=100, seeds=(0, 1, 2))
 TARGET_PARAMS = 0.5  # the user's goal in this benchmark: half the parameters (the issue's target)
-LEARNING_RATE = 5e-4
+# Chosen on validation with the teacher above (`vision_sweep.py --learning-rate`, 3 seeds each): 0.977 at 1e-3 and
+# 2e-3, 0.976 at 5e-4, 0.971 at 4e-3, 0.969 at 8e-3; 1e-3 follows the teacher closest (KL 0.040). Every row uses it.
+LEARNING_RATE = 1e-3
 MAX_METRIC_DROP = 0.03  # per-round guard on 500 validation images (as in the text benchmark); the final phase recovers
 
 
@@ -90,30 +94,34 @@ def load_data(budget: VisionBudget) -> dict:
     return {"train": carve["train"], "validation": carve["test"], "test": split["test"]}
 
 
-def load_teacher(data: dict) -> tuple[ResNetForImageClassification, str]:
-    """The from-scratch teacher, cached in ``benchmarks/.cache/resnet_mnist_teacher`` with its settings.
+def load_teacher(data: dict, settings: dict = TEACHER_SETTINGS,
+                 cache: Path = CACHED_TEACHER) -> tuple[ResNetForImageClassification, str]:
+    """The from-scratch teacher, cached in ``cache`` (default ``benchmarks/.cache/resnet_mnist_teacher``) with its
+    ``settings``; trained again when they differ.
 
-    Trained to convergence: 12 epochs, keeping the epoch with the best validation accuracy, so that no student
-    distilled for longer than the teacher trained gains from the teacher being under-trained.
+    Trained to convergence: ``settings["epochs"]`` epochs, keeping the epoch with the best validation accuracy, so
+    that no student distilled for longer than the teacher trained gains from the teacher being under-trained.
     """
-    recorded = CACHED_TEACHER / "teacher_settings.json"
-    if recorded.exists() and json.loads(recorded.read_text()) == TEACHER_SETTINGS:
-        return ResNetForImageClassification.from_pretrained(CACHED_TEACHER), "reused benchmarks/.cache"
-    set_seed(0)
-    model = ResNetForImageClassification(ResNetConfig(**ARCHITECTURE))
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-resnet-"),
-                             num_train_epochs=TEACHER_SETTINGS["epochs"], learning_rate=1e-3,
-                             per_device_train_batch_size=64, per_device_eval_batch_size=128, seed=0,
-                             eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
-                             metric_for_best_model="accuracy", save_total_limit=2, report_to=[], disable_tqdm=True,
-                             use_cpu=True)
+    recorded = cache / "teacher_settings.json"
+    if recorded.exists() and json.loads(recorded.read_text()) == settings:
+        return ResNetForImageClassification.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
+    set_seed(settings["seed"])
+    model = ResNetForImageClassification(ResNetConfig(**settings["architecture"]))
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-resnet-"), num_train_epochs=settings["epochs"],
+                             learning_rate=settings["learning_rate"],
+                             per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=128,
+                             seed=settings["seed"], eval_strategy="epoch", save_strategy="epoch",
+                             load_best_model_at_end=True, metric_for_best_model="accuracy", save_total_limit=2,
+                             report_to=[], disable_tqdm=True, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                       compute_metrics=compute_accuracy)
     trainer.train()
     shutil.rmtree(args.output_dir, ignore_errors=True)
-    trainer.model.save_pretrained(CACHED_TEACHER)
-    recorded.write_text(json.dumps(TEACHER_SETTINGS))
-    return trainer.model, "trained now (12 epochs on 3,500 images, best validation epoch), cached in benchmarks/.cache"
+    trainer.model.save_pretrained(cache)
+    recorded.write_text(json.dumps(settings))
+    return trainer.model, (f"trained now ({settings['epochs']} epochs on {settings['train_examples']:,} images at "
+                           f"learning rate {settings['learning_rate']:g}, best validation epoch), cached in "
+                           f"benchmarks/.cache/{cache.name}")
 
 
 def image_inputs(batch_size: int, seq_len: int | None = None) -> dict:

@@ -5,8 +5,11 @@ here (sites per round, steps per round, final steps, the per-round validation gu
 model scores on the 500 validation images, how closely it follows the teacher there (arg-max agreement, mean
 KL(teacher ‖ model)), its parameter count and why the run stopped. The test split is never touched.
 
-Run: ``python benchmarks/vision_sweep.py --sites-per-round 4 --steps 100 --final-steps 300 [--max-metric-drop 0.03]
-[--seed 0] [--threads 1]``; each run appends one line to ``benchmarks/results/vision_sweep.jsonl``.
+Run: ``python benchmarks/vision_sweep.py [--sites-per-round 4] [--steps 100] [--final-steps 300]
+[--max-metric-drop 0.03] [--learning-rate 5e-4] [--alpha A] [--hidden-weight B] [--seed 0] [--threads 1]``, defaults
+the benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train another teacher (cached beside the
+benchmark's) and ``--teacher-only`` records just its validation accuracy. Each run appends one line to
+``benchmarks/results/vision_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=vision.FULL.steps_per_round)
     parser.add_argument("--final-steps", type=int, default=vision.FULL.final_steps)
     parser.add_argument("--max-metric-drop", type=float, default=vision.MAX_METRIC_DROP)
+    parser.add_argument("--learning-rate", type=float, default=vision.LEARNING_RATE)
+    parser.add_argument("--alpha", type=float, default=None, help="distillation_alpha (default: the library's)")
+    parser.add_argument("--hidden-weight", type=float, default=None,
+                        help="distillation_hidden_weight (default: the library's)")
+    parser.add_argument("--teacher-learning-rate", type=float, default=vision.TEACHER_SETTINGS["learning_rate"])
+    parser.add_argument("--teacher-epochs", type=int, default=vision.TEACHER_SETTINGS["epochs"])
+    parser.add_argument("--teacher-only", action="store_true", help="train (or load) the teacher, record, stop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args()
@@ -39,22 +49,41 @@ def main() -> None:
     budget = replace(vision.FULL, sites_per_round=options.sites_per_round, steps_per_round=options.steps,
                      final_steps=options.final_steps)
     data = vision.load_data(budget)
-    teacher, _ = vision.load_teacher(data)
+    settings = {**vision.TEACHER_SETTINGS, "learning_rate": options.teacher_learning_rate,
+                "epochs": options.teacher_epochs}
+    cache = vision.CACHED_TEACHER
+    if settings != vision.TEACHER_SETTINGS:
+        cache = cache.with_name(f"{cache.name}_lr{options.teacher_learning_rate:g}_ep{options.teacher_epochs}")
+    teacher, _ = vision.load_teacher(data, settings, cache)
     teacher.eval()
+    teacher_record = {"teacher_only": options.teacher_only, "teacher_learning_rate": options.teacher_learning_rate,
+                      "teacher_epochs": options.teacher_epochs,
+                      "teacher_validation_accuracy": evaluate_accuracy(teacher, data["validation"])}
+    if options.teacher_only:
+        print(json.dumps(teacher_record), flush=True)
+        with RESULTS.open("a") as handle:
+            handle.write(json.dumps(teacher_record) + "\n")
+        return
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     args = vision._rmtkd_args(budget, options.seed)
-    args.max_metric_drop = options.max_metric_drop
+    args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
+    if options.alpha is not None:
+        args.distillation_alpha = options.alpha
+    if options.hidden_weight is not None:
+        args.distillation_hidden_weight = options.hidden_weight
     start = time.perf_counter()
     model, info = run_rmtkd(teacher, args, train=data["train"], validation=data["validation"],
                             calibration=calibration)
     record = {"sites_per_round": options.sites_per_round, "steps": options.steps,
               "final_steps": options.final_steps, "max_metric_drop": options.max_metric_drop, "seed": options.seed,
+              "learning_rate": args.learning_rate, "alpha": args.distillation_alpha,
+              "hidden_weight": args.distillation_hidden_weight,
               "threads": options.threads, "params": model.num_parameters(),
               "target_params": round(vision.TARGET_PARAMS * teacher.num_parameters()),
               "stop_reason": info["stop_reason"], "accepted_rounds": info["accepted_rounds"],
               "rolled_back_sites": len(info["rolled_back_sites"]), "distillation_steps": info["distillation_steps"],
               "validation_accuracy": evaluate_accuracy(model, data["validation"]),
-              "teacher_validation_accuracy": evaluate_accuracy(teacher, data["validation"]),
+              **teacher_record,
               **teacher_agreement(model, teacher, data["validation"], None),
               "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(record), flush=True)
