@@ -157,11 +157,11 @@ def text_models() -> tuple[nn.Module, str, Callable[[nn.Module, int], dict], str
 
 def vision_models() -> tuple[nn.Module, str, Callable[[nn.Module, int], dict], str]:
     """The vision benchmark's teacher, where it came from, its input maker and a description of the input."""
-    from vision import ARCHITECTURE, CACHED_TEACHER, image_inputs
+    from vision import ARCHITECTURE, image_inputs, teacher_cache
 
-    if (CACHED_TEACHER / "config.json").exists():
-        teacher = transformers.ResNetForImageClassification.from_pretrained(CACHED_TEACHER)
-        source = f"the teacher cached in benchmarks/.cache/{CACHED_TEACHER.name}"
+    if (teacher_cache() / "config.json").exists():
+        teacher = transformers.ResNetForImageClassification.from_pretrained(teacher_cache())
+        source = f"the teacher cached in benchmarks/.cache/{teacher_cache().name}"
     else:
         teacher = transformers.ResNetForImageClassification(transformers.ResNetConfig(**ARCHITECTURE))
         source = "the benchmark's ResNet architecture with fresh weights (no cached teacher)"

@@ -47,7 +47,6 @@ from hf_rmtkd.plan import DEFAULT_KINDS
 __all__ = ["FULL", "QUICK", "VisionBudget", "image_inputs", "run_resnet_mnist"]
 
 HERE = Path(__file__).resolve().parent
-CACHED_TEACHER = HERE / ".cache" / "resnet_mnist_teacher"
 ARCHITECTURE = dict(num_channels=1, embedding_size=32, hidden_sizes=[64, 128, 256], depths=[2, 2, 2],
                     layer_type="bottleneck", num_labels=10)
 # Learning rate and epochs chosen on validation (`vision_sweep.py --teacher-only`, results/vision_sweep.jsonl): 0.984
@@ -72,12 +71,13 @@ class VisionBudget:
     runs_b32: int
     runs_b1: int
     seeds: tuple[int, ...]  # RMT-KD and the strongest baseline run with each; the other rows with the first
+    teacher_epochs: int = TEACHER_SETTINGS["epochs"]
     validation_examples: int = 500
     calibration_examples: int = 256
 
 
 QUICK = VisionBudget(sites_per_round=64, steps_per_round=60, final_steps=60, tau_steps=0, runs_b32=10, runs_b1=20,
-                     seeds=(0,))
+                     seeds=(0,), teacher_epochs=12)
 FULL = VisionBudget(sites_per_round=4, steps_per_round=100, final_steps=300, tau_steps=None, runs_b32=50,
                     runs_b1=100, seeds=(0, 1, 2))
 TARGET_PARAMS = 0.5  # the user's goal in this benchmark: half the parameters (the issue's target)
@@ -94,14 +94,18 @@ def load_data(budget: VisionBudget) -> dict:
     return {"train": carve["train"], "validation": carve["test"], "test": split["test"]}
 
 
-def load_teacher(data: dict, settings: dict = TEACHER_SETTINGS,
-                 cache: Path = CACHED_TEACHER) -> tuple[ResNetForImageClassification, str]:
-    """The from-scratch teacher, cached in ``cache`` (default ``benchmarks/.cache/resnet_mnist_teacher``) with its
-    ``settings``; trained again when they differ.
+def teacher_cache(settings: dict = TEACHER_SETTINGS) -> Path:
+    """The folder caching the teacher trained with ``settings``: one per learning rate and epoch count."""
+    return HERE / ".cache" / f"resnet_mnist_teacher_lr{settings['learning_rate']:g}_ep{settings['epochs']}"
+
+
+def load_teacher(data: dict, settings: dict = TEACHER_SETTINGS) -> tuple[ResNetForImageClassification, str]:
+    """The from-scratch teacher, cached in `teacher_cache` with its ``settings``; trained again when they differ.
 
     Trained to convergence: ``settings["epochs"]`` epochs, keeping the epoch with the best validation accuracy, so
     that no student distilled for longer than the teacher trained gains from the teacher being under-trained.
     """
+    cache = teacher_cache(settings)
     recorded = cache / "teacher_settings.json"
     if recorded.exists() and json.loads(recorded.read_text()) == settings:
         return ResNetForImageClassification.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
@@ -150,7 +154,7 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
     """Run every row of the vision benchmark (rows already in ``book`` are kept) and return the result record
     (None when another worker is still making the ``rmtkd`` row every other row is matched to)."""
     data = load_data(budget)
-    teacher, teacher_source = load_teacher(data)
+    teacher, teacher_source = load_teacher(data, {**TEACHER_SETTINGS, "epochs": budget.teacher_epochs})
     teacher.eval()
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     calibration_inputs = calibration.remove_columns("labels")

@@ -51,10 +51,7 @@ def main() -> None:
     data = vision.load_data(budget)
     settings = {**vision.TEACHER_SETTINGS, "learning_rate": options.teacher_learning_rate,
                 "epochs": options.teacher_epochs}
-    cache = vision.CACHED_TEACHER
-    if settings != vision.TEACHER_SETTINGS:
-        cache = cache.with_name(f"{cache.name}_lr{options.teacher_learning_rate:g}_ep{options.teacher_epochs}")
-    teacher, _ = vision.load_teacher(data, settings, cache)
+    teacher, _ = vision.load_teacher(data, settings)
     teacher.eval()
     teacher_record = {"teacher_only": options.teacher_only, "teacher_learning_rate": options.teacher_learning_rate,
                       "teacher_epochs": options.teacher_epochs,
