@@ -22,7 +22,7 @@ FACTORED_CONV = "resnet.encoder.stages.1.layers.0.layer.1.convolution"
 
 
 def _with_trained_statistics(model):
-    """Give every BatchNorm non-trivial statistics and affine terms, as training would (fresh ones are the identity)."""
+    """Give every BatchNorm non-trivial statistics and affine terms, as training would (fresh ones are identities)."""
     generator = torch.Generator().manual_seed(3)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

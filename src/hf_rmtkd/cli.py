@@ -198,8 +198,8 @@ def add_compress_parser(subparsers) -> None:
     parser.add_argument("--test_split", default=None, help="Split to evaluate on; default: 'test', 'validation', or a "
                         "stratified 20%% of the training split (seed 0) when there is neither.")
     parser.add_argument("--fold_batchnorm", action="store_true", help="Fold every BatchNorm into the convolution "
-                        "before it once compression is done (CNNs such as ResNet): same outputs, a smaller checkpoint, "
-                        "one operator less per convolution.")
+                        "before it once compression is done (CNNs such as ResNet): same outputs, a smaller "
+                        "checkpoint, one operator less per convolution.")
     parser.set_defaults(run=run_compress)
 
 
