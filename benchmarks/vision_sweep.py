@@ -22,10 +22,27 @@ from pathlib import Path
 
 import torch
 import vision
+from baselines import distil, match_parameter, pca_energy, pca_energy_params
 from distillation_sweep import teacher_agreement
 from harness import evaluate_accuracy, run_rmtkd
 
+from hf_rmtkd.architectures import find_sites
+from hf_rmtkd.calibration import collect_statistics, measure_sites
+
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_sweep.jsonl"
+
+
+def matched_pca_energy(teacher, calibration, params: int):
+    """The benchmark's PCA-energy baseline at the energy threshold that gives ``params`` parameters."""
+    sites = find_sites(teacher)
+    measurements = measure_sites(collect_statistics(teacher, calibration.remove_columns("labels"), sites,
+                                                    batch_size=64, progress=False), sites)
+
+    def size(threshold):
+        return pca_energy_params(teacher, measurements, threshold, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
+
+    energy = match_parameter(size, params, 0.05, 0.99999, integer=False)
+    return pca_energy(teacher, measurements, energy, kinds=vision.KINDS, min_rank=vision.MIN_RANK), energy
 
 
 def main() -> None:
@@ -41,6 +58,10 @@ def main() -> None:
     parser.add_argument("--teacher-learning-rate", type=float, default=vision.TEACHER_SETTINGS["learning_rate"])
     parser.add_argument("--teacher-epochs", type=int, default=vision.TEACHER_SETTINGS["epochs"])
     parser.add_argument("--teacher-only", action="store_true", help="train (or load) the teacher, record, stop")
+    parser.add_argument("--pca-energy-params", type=int, default=None,
+                        help="instead of RMT-KD: the PCA-energy baseline sized to this many parameters, distilled "
+                        "for --kd-steps steps (is a gap between them on the test split there on validation too?)")
+    parser.add_argument("--kd-steps", type=int, default=700, help="with --pca-energy-params: distillation steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args()
@@ -62,6 +83,20 @@ def main() -> None:
             handle.write(json.dumps(teacher_record) + "\n")
         return
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
+    if options.pca_energy_params is not None:
+        start = time.perf_counter()
+        model, energy = matched_pca_energy(teacher, calibration, options.pca_energy_params)
+        distil(model, teacher, data["train"], steps=options.kd_steps, args=vision._kd_args(options.seed))
+        record = {"row": "pca_energy", "energy_threshold": energy, "kd_steps": options.kd_steps,
+                  "seed": options.seed, "learning_rate": vision.LEARNING_RATE, "threads": options.threads,
+                  "params": model.num_parameters(),
+                  "validation_accuracy": evaluate_accuracy(model, data["validation"]),
+                  **teacher_record, **teacher_agreement(model, teacher, data["validation"], None),
+                  "seconds": round(time.perf_counter() - start, 1)}
+        print(json.dumps(record), flush=True)
+        with RESULTS.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return
     args = vision._rmtkd_args(budget, options.seed)
     args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
     if options.alpha is not None:
