@@ -136,6 +136,19 @@ def image_inputs(batch_size: int, seq_len: int | None = None) -> dict:
     return {"pixel_values": torch.randn(batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(0))}
 
 
+def site_measurements(teacher, calibration_inputs) -> dict:
+    """Every site's spectrum measurement on the calibration images (what the PCA-energy baseline sizes its cuts by)."""
+    sites = find_sites(teacher)
+    statistics = collect_statistics(teacher, calibration_inputs, sites, batch_size=64, progress=False)
+    return measure_sites(statistics, sites)
+
+
+def matched_energy(teacher, measurements: dict, params: int) -> float:
+    """The PCA-energy threshold that leaves ``params`` parameters."""
+    return match_parameter(lambda t: pca_energy_params(teacher, measurements, t, kinds=KINDS, min_rank=MIN_RANK),
+                           params, 0.05, 0.99999, integer=False)
+
+
 def _rmtkd_args(budget: VisionBudget, seed: int, quantile: float = 0.5,
                 target: float | None = TARGET_PARAMS) -> hf_rmtkd.RMTKDTrainingArguments:
     return hf_rmtkd.RMTKDTrainingArguments(
@@ -197,12 +210,9 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
     def kd(model, seed):
         return distil(model, teacher, data["train"], steps=steps, args=_kd_args(seed))
 
-    sites = find_sites(teacher)
-    measurements = measure_sites(collect_statistics(teacher, calibration_inputs, sites, batch_size=64,
-                                                    progress=False), sites)
+    measurements = site_measurements(teacher, calibration_inputs)
     ratio = match_parameter(lambda r: svd_rank_ratio_params(teacher, r), target, 0.01, 1.0, integer=False)
-    energy = match_parameter(lambda t: pca_energy_params(teacher, measurements, t, kinds=KINDS, min_rank=MIN_RANK),
-                             target, 0.05, 0.99999, integer=False)
+    energy = matched_energy(teacher, measurements, target)
     baselines = {
         "pca_energy": (lambda seed: kd(pca_energy(teacher, measurements, energy, kinds=KINDS, min_rank=MIN_RANK),
                                        seed),

@@ -5,11 +5,11 @@ here (sites per round, steps per round, final steps, the per-round validation gu
 model scores on the 500 validation images, how closely it follows the teacher there (arg-max agreement, mean
 KL(teacher ‖ model)), its parameter count and why the run stopped. The test split is never touched.
 
-Run: ``python benchmarks/vision_sweep.py [--sites-per-round 4] [--steps 100] [--final-steps 300]
-[--max-metric-drop 0.03] [--learning-rate 5e-4] [--alpha A] [--hidden-weight B] [--seed 0] [--threads 1]``, defaults
-the benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train another teacher (cached beside the
-benchmark's) and ``--teacher-only`` records just its validation accuracy. Each run appends one line to
-``benchmarks/results/vision_sweep.jsonl``.
+Run: ``python benchmarks/vision_sweep.py [--sites-per-round N] [--steps N] [--final-steps N] [--max-metric-drop D]
+[--learning-rate LR] [--alpha A] [--hidden-weight B] [--seed 0] [--threads 1]``, each default the benchmark's;
+``--teacher-learning-rate`` / ``--teacher-epochs`` train another teacher (cached beside the benchmark's) and
+``--teacher-only`` records just its validation accuracy; ``--pca-energy-params N`` runs the PCA-energy baseline at
+that size instead. Each run appends one line to ``benchmarks/results/vision_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,27 +22,18 @@ from pathlib import Path
 
 import torch
 import vision
-from baselines import distil, match_parameter, pca_energy, pca_energy_params
+from baselines import distil, pca_energy
 from distillation_sweep import teacher_agreement
 from harness import evaluate_accuracy, run_rmtkd
-
-from hf_rmtkd.architectures import find_sites
-from hf_rmtkd.calibration import collect_statistics, measure_sites
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_sweep.jsonl"
 
 
-def matched_pca_energy(teacher, calibration, params: int):
-    """The benchmark's PCA-energy baseline at the energy threshold that gives ``params`` parameters."""
-    sites = find_sites(teacher)
-    measurements = measure_sites(collect_statistics(teacher, calibration.remove_columns("labels"), sites,
-                                                    batch_size=64, progress=False), sites)
-
-    def size(threshold):
-        return pca_energy_params(teacher, measurements, threshold, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
-
-    energy = match_parameter(size, params, 0.05, 0.99999, integer=False)
-    return pca_energy(teacher, measurements, energy, kinds=vision.KINDS, min_rank=vision.MIN_RANK), energy
+def _record(record: dict) -> None:
+    """Print one run's record and append it to ``results/vision_sweep.jsonl``."""
+    print(json.dumps(record), flush=True)
+    with RESULTS.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def main() -> None:
@@ -78,14 +69,13 @@ def main() -> None:
                       "teacher_epochs": options.teacher_epochs,
                       "teacher_validation_accuracy": evaluate_accuracy(teacher, data["validation"])}
     if options.teacher_only:
-        print(json.dumps(teacher_record), flush=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(teacher_record) + "\n")
-        return
+        return _record(teacher_record)
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
     if options.pca_energy_params is not None:
         start = time.perf_counter()
-        model, energy = matched_pca_energy(teacher, calibration, options.pca_energy_params)
+        measurements = vision.site_measurements(teacher, calibration.remove_columns("labels"))
+        energy = vision.matched_energy(teacher, measurements, options.pca_energy_params)
+        model = pca_energy(teacher, measurements, energy, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
         distil(model, teacher, data["train"], steps=options.kd_steps, args=vision._kd_args(options.seed))
         record = {"row": "pca_energy", "energy_threshold": energy, "kd_steps": options.kd_steps,
                   "seed": options.seed, "learning_rate": vision.LEARNING_RATE, "threads": options.threads,
@@ -93,10 +83,7 @@ def main() -> None:
                   "validation_accuracy": evaluate_accuracy(model, data["validation"]),
                   **teacher_record, **teacher_agreement(model, teacher, data["validation"], None),
                   "seconds": round(time.perf_counter() - start, 1)}
-        print(json.dumps(record), flush=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        return
+        return _record(record)
     args = vision._rmtkd_args(budget, options.seed)
     args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
     if options.alpha is not None:
@@ -118,9 +105,7 @@ def main() -> None:
               **teacher_record,
               **teacher_agreement(model, teacher, data["validation"], None),
               "seconds": round(time.perf_counter() - start, 1)}
-    print(json.dumps(record), flush=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    _record(record)
 
 
 if __name__ == "__main__":
