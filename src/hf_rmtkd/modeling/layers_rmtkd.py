@@ -93,6 +93,13 @@ def _factory(module: nn.Module, device=None) -> dict:
     return {"device": device}
 
 
+def conv_like(old: nn.Conv2d, in_channels: int, out_channels: int, *, bias: bool, **factory) -> nn.Conv2d:
+    """An ``nn.Conv2d`` with ``old``'s kernel, stride, padding, dilation, groups and padding mode, and the given
+    channels and bias (``factory``: ``device`` / ``dtype``)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=old.kernel_size, stride=old.stride, padding=old.padding,
+                     dilation=old.dilation, groups=old.groups, bias=bias, padding_mode=old.padding_mode, **factory)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reduced modules
 
@@ -188,18 +195,7 @@ class LowRankConv2d(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.rank = conv.in_channels, conv.out_channels, rank
         self.down = nn.Conv2d(conv.in_channels, rank, kernel_size=1, bias=False, device=device, dtype=dtype)
-        self.conv = nn.Conv2d(
-            rank,
-            conv.out_channels,
-            kernel_size=conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=True,
-            padding_mode=conv.padding_mode,
-            device=device,
-            dtype=dtype,
-        )
+        self.conv = conv_like(conv, rank, conv.out_channels, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, c_in, H, W) -> (B, c_out, H', W')
         return self.conv(self.down(x))
@@ -369,17 +365,7 @@ def _with_output_width(old: nn.Module, width: int, device=None) -> nn.Module:
     if isinstance(old, nn.Linear):
         return nn.Linear(old.in_features, width, bias=old.bias is not None, **kwargs)
     if isinstance(old, nn.Conv2d):
-        return nn.Conv2d(
-            old.in_channels,
-            width,
-            kernel_size=old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
-            dilation=old.dilation,
-            bias=old.bias is not None,
-            padding_mode=old.padding_mode,
-            **kwargs,
-        )
+        return conv_like(old, old.in_channels, width, bias=old.bias is not None, **kwargs)
     if isinstance(old, nn.BatchNorm2d):
         return nn.BatchNorm2d(
             width, old.eps, old.momentum, affine=old.affine, track_running_stats=old.track_running_stats, **kwargs
@@ -405,17 +391,7 @@ def _with_input_width(old: nn.Module, width: int, device=None) -> nn.Module:
     kwargs = _factory(old, device)
     if isinstance(old, nn.Linear):
         return nn.Linear(width, old.out_features, bias=old.bias is not None, **kwargs)
-    return nn.Conv2d(
-        width,
-        old.out_channels,
-        kernel_size=old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        dilation=old.dilation,
-        bias=old.bias is not None,
-        padding_mode=old.padding_mode,
-        **kwargs,
-    )
+    return conv_like(old, width, old.out_channels, bias=old.bias is not None, **kwargs)
 
 
 def plan_ffn_width(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
@@ -528,10 +504,8 @@ def plan_folded_batchnorm(model: nn.Module, path: str, entry: dict, device=None)
             f"folded_batchnorm '{path}': '{into}' must be an nn.Conv2d with {norm.num_features} output channels, "
             f"got {type(conv).__name__}{f' with {conv.out_channels}' if isinstance(conv, nn.Conv2d) else ''}."
         )
-    biased = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
-                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-                       padding_mode=conv.padding_mode, **_factory(conv, device))
-    return {path: nn.Identity(), into: biased}
+    return {path: nn.Identity(), into: conv_like(conv, conv.in_channels, conv.out_channels, bias=True,
+                                                 **_factory(conv, device))}
 
 
 PLANNERS = {
