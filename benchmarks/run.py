@@ -4,7 +4,8 @@ Usage (from the repository root, offline):
     python benchmarks/run.py --quick                   # one seed, subsets, < 20 min on 2 idle cores
     python benchmarks/run.py                           # full: 3 seeds, whole test split, 50+ timed runs
     python benchmarks/run.py --quick --only minilm_rt  # one benchmark (the others' results are kept)
-    python benchmarks/run.py --paper-scale --smoke     # BERT-base-shaped path, a few steps (opt-in)
+    python benchmarks/run.py --paper-scale --threads 2 # opt-in: BERT-base shape from scratch, then RMT-KD (~1.5 h)
+    python benchmarks/run.py --paper-scale --smoke     # the same path with 2 layers and a few steps
     python benchmarks/run.py --resume                  # continue an interrupted run from its saved rows
     python benchmarks/run.py --report-only             # rebuild summary.json, README table and plot
     python benchmarks/run.py --worker --accuracy-only --threads 1  # in 2+ shells: they share the untimed rows,
@@ -79,8 +80,7 @@ def main() -> None:
         name = "paper_scale_smoke" if options.smoke else "paper_scale"
         (results / f"{name}.json").write_text(json.dumps(result, indent=2))
         print(f"Wrote {results / f'{name}.json'}")
-        return
-    if not options.report_only:
+    elif not options.report_only:
         from harness import RowBook
 
         for name in options.only or BENCHMARKS:

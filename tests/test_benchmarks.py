@@ -211,6 +211,24 @@ def test_regenerate_writes_summary_plot_and_one_readme_section(tmp_path):
     assert "](benchmarks/results/frontier.png)" in text  # the plot is shown, not only named
 
 
+def test_paper_scale_result_is_reported_beside_the_benchmarks(tmp_path):
+    """`run.py --paper-scale` writes only a teacher and an RMT-KD row: it still gets a summary entry (no baselines),
+    a README section that says how to run it, and the text targets' verdicts."""
+    paper = _synthetic_result(seeds=(0.80,))
+    paper["rows"] = {name: paper["rows"][name] for name in ("teacher", "rmtkd")}
+    paper["rows"]["rmtkd"]["params"] = 150  # 85% fewer, at 1 point lost, x2.0 throughput
+    (tmp_path / "minilm_rt.json").write_text(json.dumps(_synthetic_result()))
+    (tmp_path / "paper_scale.json").write_text(json.dumps(paper))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    summary = report.regenerate(tmp_path, readme)
+    assert set(summary) == {"minilm_rt", "paper_scale"} and summary["paper_scale"]["baselines"] == {}
+    section = readme.read_text().split("### `paper_scale`")[1]
+    assert "run.py --paper-scale" in section
+    assert "- met: >= 80% fewer total params — 85.0% fewer" in section
+    assert "- **missed**: >= 2.8x batch-32 throughput — x2.00" in section
+
+
 def test_quick_regenerate_prints_its_table_and_leaves_the_readme(tmp_path, capsys):
     quick = tmp_path / "quick"
     quick.mkdir()
