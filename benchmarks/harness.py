@@ -19,14 +19,16 @@ import torch
 from baselines import distil, rmtkd_without_distillation
 from measure import checkpoint_bytes, measure_row, rapl_files, timed
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 import hf_rmtkd
 from hf_rmtkd.bench import cpu_name, parameter_count
 from hf_rmtkd.metrics import compute_accuracy
 from hf_rmtkd.utils import write_text_atomic
 
-__all__ = ["RowBook", "Rows", "environment", "evaluate_accuracy", "finish_row", "run_rmtkd"]
+__all__ = [
+    "RowBook", "Rows", "cached_teacher", "environment", "evaluate_accuracy", "finish_row", "run_rmtkd",
+]
 
 PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "numpy", "psutil")
 
@@ -182,6 +184,37 @@ def evaluate_accuracy(model: nn.Module, dataset, *, collator=None, batch_size: i
     """Accuracy of the arg-max prediction of ``model`` on ``dataset`` (which has a ``labels`` column)."""
     logits, labels = predict_logits(model, dataset, collator=collator, batch_size=batch_size)
     return float((np.argmax(logits, -1) == labels).mean())
+
+
+def cached_teacher(cache: Path, settings: dict, model_class, config, args: TrainingArguments, *, train, validation,
+                   collator=None) -> tuple[nn.Module, str]:
+    """A teacher trained from scratch once and cached in ``cache``; loaded from there while ``settings`` match.
+
+    Trained with ``args`` (which should evaluate and save every epoch and load the best at the end, so that no student
+    distilled for longer than the teacher trained gains from the teacher being under-trained). The settings file is
+    written last: an interrupted save is trained again, never loaded half-written.
+
+    Args:
+        cache: the folder (a `from_pretrained` checkpoint plus ``teacher_settings.json``).
+        settings: what the teacher is trained with; a cache made with other settings is trained again.
+        model_class, config: the model, initialised as ``model_class(config)`` after seeding with ``args.seed``.
+        args: the training arguments; their ``output_dir`` is removed after training.
+        train, validation, collator: the data.
+
+    Returns:
+        ``(model, where it came from)``.
+    """
+    recorded = cache / "teacher_settings.json"
+    if recorded.exists() and json.loads(recorded.read_text()) == settings:
+        return model_class.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
+    set_seed(args.seed)
+    trainer = Trainer(model=model_class(config), args=args, train_dataset=train, eval_dataset=validation,
+                      data_collator=collator, compute_metrics=compute_accuracy)
+    trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    trainer.model.save_pretrained(cache)
+    recorded.write_text(json.dumps(settings))
+    return trainer.model, f"trained now ({settings}), cached in benchmarks/.cache/{cache.name}"
 
 
 def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, train, validation, calibration,

@@ -19,7 +19,6 @@ Run: ``python benchmarks/run.py --paper-scale [--smoke] [--threads 2]``; writes
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import text
-from harness import environment, evaluate_accuracy, finish_row, run_rmtkd
+from harness import cached_teacher, environment, evaluate_accuracy, finish_row, run_rmtkd
 from measure import checkpoint_bytes, embedding_parameters
 from transformers import (
     AutoTokenizer,
@@ -36,12 +35,10 @@ from transformers import (
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
-    set_seed,
 )
 
 from hf_rmtkd.bench import example_inputs, parameter_count
 from hf_rmtkd.data import minilm_path
-from hf_rmtkd.metrics import compute_accuracy
 
 __all__ = ["PAPER", "run_paper_scale"]
 
@@ -59,12 +56,6 @@ def teacher_cache() -> Path:
 
 def load_teacher(data: dict, collator) -> tuple[BertForSequenceClassification, str]:
     """The from-scratch BERT-base teacher, from `teacher_cache` when its recipe matches, else trained now."""
-    cache = teacher_cache()
-    recorded = cache / "teacher_settings.json"
-    if recorded.exists() and json.loads(recorded.read_text()) == TEACHER_RECIPE:
-        return BertForSequenceClassification.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
-    set_seed(TEACHER_RECIPE["seed"])
-    model = BertForSequenceClassification(BertConfig(num_labels=2))
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-paper-"), num_train_epochs=TEACHER_EPOCHS,
         learning_rate=TEACHER_RECIPE["learning_rate"], per_device_train_batch_size=TEACHER_RECIPE["batch_size"],
@@ -72,13 +63,8 @@ def load_teacher(data: dict, collator) -> tuple[BertForSequenceClassification, s
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="accuracy",
         save_total_limit=2, logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
-                      data_collator=collator, compute_metrics=compute_accuracy)
-    trainer.train()
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    trainer.model.save_pretrained(cache)
-    recorded.write_text(json.dumps(TEACHER_RECIPE))
-    return trainer.model, f"trained now ({TEACHER_RECIPE}), cached in benchmarks/.cache/{cache.name}"
+    return cached_teacher(teacher_cache(), TEACHER_RECIPE, BertForSequenceClassification, BertConfig(num_labels=2),
+                          args, train=data["train"], validation=data["validation"], collator=collator)
 
 
 def _smoke(data: dict, collator) -> dict:

@@ -16,8 +16,6 @@ asks for the baselines "where they apply".
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,17 +29,16 @@ from baselines import (
     svd_rank_ratio,
     svd_rank_ratio_params,
 )
-from harness import RowBook, Rows, environment, evaluate_accuracy, export_sizes, run_rmtkd
+from harness import RowBook, Rows, cached_teacher, environment, evaluate_accuracy, export_sizes, run_rmtkd
 from measure import checkpoint_bytes
 from report import fold_seed_rows
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments, set_seed
+from transformers import ResNetConfig, ResNetForImageClassification, TrainingArguments
 
 import hf_rmtkd
 from hf_rmtkd.architectures import find_sites
 from hf_rmtkd.bench import parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.data import load_mnist5k
-from hf_rmtkd.metrics import compute_accuracy
 from hf_rmtkd.plan import DEFAULT_KINDS
 
 __all__ = ["FULL", "QUICK", "VisionBudget", "image_inputs", "run_resnet_mnist"]
@@ -105,30 +102,17 @@ def teacher_cache(settings: dict = TEACHER_SETTINGS) -> Path:
 def load_teacher(data: dict, settings: dict = TEACHER_SETTINGS) -> tuple[ResNetForImageClassification, str]:
     """The from-scratch teacher, cached in `teacher_cache` with its ``settings``; trained again when they differ.
 
-    Trained to convergence: ``settings["epochs"]`` epochs, keeping the epoch with the best validation accuracy, so
-    that no student distilled for longer than the teacher trained gains from the teacher being under-trained.
+    Trained to convergence: ``settings["epochs"]`` epochs, keeping the epoch with the best validation accuracy.
     """
-    cache = teacher_cache(settings)
-    recorded = cache / "teacher_settings.json"
-    if recorded.exists() and json.loads(recorded.read_text()) == settings:
-        return ResNetForImageClassification.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
-    set_seed(settings["seed"])
-    model = ResNetForImageClassification(ResNetConfig(**settings["architecture"]))
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-resnet-"), num_train_epochs=settings["epochs"],
                              learning_rate=settings["learning_rate"],
                              per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=128,
                              seed=settings["seed"], eval_strategy="epoch", save_strategy="epoch",
                              load_best_model_at_end=True, metric_for_best_model="accuracy", save_total_limit=2,
                              report_to=[], disable_tqdm=True, use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
-                      compute_metrics=compute_accuracy)
-    trainer.train()
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    trainer.model.save_pretrained(cache)
-    recorded.write_text(json.dumps(settings))
-    return trainer.model, (f"trained now ({settings['epochs']} epochs on {settings['train_examples']:,} images at "
-                           f"learning rate {settings['learning_rate']:g}, best validation epoch), cached in "
-                           f"benchmarks/.cache/{cache.name}")
+    return cached_teacher(teacher_cache(settings), settings, ResNetForImageClassification,
+                          ResNetConfig(**settings["architecture"]), args, train=data["train"],
+                          validation=data["validation"])
 
 
 def image_inputs(batch_size: int, seq_len: int | None = None) -> dict:
