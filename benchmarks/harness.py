@@ -27,7 +27,8 @@ from hf_rmtkd.metrics import compute_accuracy
 from hf_rmtkd.utils import write_text_atomic
 
 __all__ = [
-    "RowBook", "Rows", "cached_teacher", "environment", "evaluate_accuracy", "finish_row", "run_rmtkd",
+    "RowBook", "Rows", "cached_teacher", "environment", "evaluate_accuracy", "finish_row", "majority_class_accuracy",
+    "run_rmtkd",
 ]
 
 PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "numpy", "psutil")
@@ -215,6 +216,13 @@ def cached_teacher(cache: Path, settings: dict, model_class, config, args: Train
     trainer.model.save_pretrained(cache)
     recorded.write_text(json.dumps(settings))
     return trainer.model, f"trained now ({settings}), cached in benchmarks/.cache/{cache.name}"
+
+
+def majority_class_accuracy(dataset) -> float:
+    """The accuracy of always predicting ``dataset``'s most frequent label: the floor a teacher has to clear before
+    an accuracy comparison with it means anything."""
+    labels = np.asarray(dataset["labels"])
+    return float(np.bincount(labels).max() / len(labels))
 
 
 def run_rmtkd(teacher: nn.Module, args: hf_rmtkd.RMTKDTrainingArguments, *, train, validation, calibration,

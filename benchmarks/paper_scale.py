@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import text
-from harness import cached_teacher, environment, evaluate_accuracy, finish_row, run_rmtkd
+from harness import cached_teacher, environment, evaluate_accuracy, finish_row, majority_class_accuracy, run_rmtkd
 from measure import checkpoint_bytes, embedding_parameters
 from transformers import (
     AutoTokenizer,
@@ -106,7 +106,8 @@ def run_paper_scale(smoke: bool = False) -> dict:
     teacher_row = {"accuracy": evaluate_accuracy(teacher, data["test"], collator=collator),
                    "validation_accuracy": evaluate_accuracy(teacher, data["validation"], collator=collator),
                    "params": params, "non_embedding_params": params - embedding_parameters(teacher),
-                   "safetensors_bytes": checkpoint_bytes(teacher), "notes": source}
+                   "safetensors_bytes": checkpoint_bytes(teacher),
+                   "majority_class_accuracy": majority_class_accuracy(data["test"]), "notes": source}
     print(f"[teacher] accuracy {teacher_row['accuracy']:.4f}, params {params:,}", flush=True)
     calibration = data["train"].shuffle(seed=0).select(range(PAPER.calibration_examples))
     args = text._rmtkd_args(PAPER, seed=0)

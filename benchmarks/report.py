@@ -33,6 +33,7 @@ TARGETS = {
     "paper_scale": {"max_loss_points": 1.0, "min_param_cut": 0.80, "min_throughput_ratio_b32": 2.8},
 }
 SPEED_SHARE_OF_FLOP_CEILING = 0.8
+MIN_TEACHER_MARGIN = 0.01  # a teacher within this of the majority-class accuracy has learned (next to) nothing
 
 
 def fold_seed_rows(rows: dict[str, dict]) -> dict[str, dict]:
@@ -132,6 +133,11 @@ def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[st
         (f"<= {goal['max_loss_points']} point accuracy loss", loss <= goal["max_loss_points"],
          f"{loss:+.2f} points lost"),
     ]
+    floor = teacher.get("majority_class_accuracy")
+    if floor is not None and teacher["accuracy"] <= floor + MIN_TEACHER_MARGIN:
+        # A teacher no better than predicting the commonest label has nothing to lose: no loss is then no evidence.
+        checks[1] = (checks[1][0], False, f"not measurable: the teacher scores {teacher['accuracy']:.2%}, no better "
+                     f"than always predicting the most frequent label ({floor:.2%}); RMT-KD {accuracy:.2%}")
     if goal["min_throughput_ratio_b32"] is not None:
         checks.append((f">= {goal['min_throughput_ratio_b32']}x batch-32 throughput",
                        rmtkd["throughput_ratio_b32"] >= goal["min_throughput_ratio_b32"],

@@ -37,7 +37,7 @@ from baselines import (
     svd_uniform,
     svd_uniform_params,
 )
-from harness import RowBook, Rows, environment, evaluate_accuracy, run_rmtkd
+from harness import RowBook, Rows, environment, evaluate_accuracy, majority_class_accuracy, run_rmtkd
 from measure import checkpoint_bytes, embedding_parameters
 from report import fold_seed_rows
 from transformers import (
@@ -234,7 +234,8 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
         return {"accuracy": evaluate_accuracy(teacher, data["test"], collator=collator),
                 "validation_accuracy": evaluate_accuracy(teacher, data["validation"], collator=collator),
                 "params": params, "non_embedding_params": params - embedding_parameters(teacher),
-                "safetensors_bytes": checkpoint_bytes(teacher), "notes": teacher_source}
+                "safetensors_bytes": checkpoint_bytes(teacher),
+                "majority_class_accuracy": majority_class_accuracy(data["test"]), "notes": teacher_source}
 
     teacher_result = book.add("teacher", teacher_row)
     print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)

@@ -29,7 +29,16 @@ from baselines import (
     svd_rank_ratio,
     svd_rank_ratio_params,
 )
-from harness import RowBook, Rows, cached_teacher, environment, evaluate_accuracy, export_sizes, run_rmtkd
+from harness import (
+    RowBook,
+    Rows,
+    cached_teacher,
+    environment,
+    evaluate_accuracy,
+    export_sizes,
+    majority_class_accuracy,
+    run_rmtkd,
+)
 from measure import checkpoint_bytes
 from report import fold_seed_rows
 from transformers import ResNetConfig, ResNetForImageClassification, TrainingArguments
@@ -173,6 +182,7 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
         return {"accuracy": evaluate_accuracy(teacher, data["test"]),
                 "validation_accuracy": evaluate_accuracy(teacher, data["validation"]),
                 "params": params, "non_embedding_params": params, "safetensors_bytes": checkpoint_bytes(teacher),
+                "majority_class_accuracy": majority_class_accuracy(data["test"]),
                 **export_sizes(teacher, hf_rmtkd.fold_batchnorm), "notes": teacher_source}
 
     teacher_result = book.add("teacher", teacher_row)

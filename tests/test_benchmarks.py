@@ -229,6 +229,23 @@ def test_paper_scale_result_is_reported_beside_the_benchmarks(tmp_path):
     assert "- **missed**: >= 2.8x batch-32 throughput — x2.00" in section
 
 
+@pytest.mark.parametrize("majority, measurable", [(0.81, False), (0.805, False), (0.60, True), (None, True)])
+def test_no_accuracy_loss_counts_only_against_a_teacher_that_beats_the_commonest_label(majority, measurable):
+    result = _synthetic_result(seeds=(0.81,))  # RMT-KD as accurate as the teacher (0.81)
+    if majority is not None:
+        result["rows"]["teacher"]["majority_class_accuracy"] = majority
+    checks = {target: (ok, measured) for target, ok, measured in report.targets("minilm_rt", result)}
+    ok, measured = checks["<= 1.0 point accuracy loss"]
+    assert ok is measurable
+    assert ("not measurable" in measured) is not measurable
+
+
+def test_majority_class_accuracy_is_the_share_of_the_commonest_label():
+    from harness import majority_class_accuracy
+
+    assert majority_class_accuracy(Dataset.from_dict({"labels": [0, 1, 1, 1, 2]})) == pytest.approx(0.6)
+
+
 def test_quick_regenerate_prints_its_table_and_leaves_the_readme(tmp_path, capsys):
     quick = tmp_path / "quick"
     quick.mkdir()
