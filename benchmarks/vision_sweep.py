@@ -6,10 +6,10 @@ model scores on the 500 validation images, how closely it follows the teacher th
 KL(teacher ‖ model)), its parameter count and why the run stopped. The test split is never touched.
 
 Run: ``python benchmarks/vision_sweep.py [--sites-per-round N] [--steps N] [--final-steps N] [--max-metric-drop D]
-[--learning-rate LR] [--alpha A] [--hidden-weight B] [--seed 0] [--threads 1]``, each default the benchmark's;
-``--teacher-learning-rate`` / ``--teacher-epochs`` train another teacher (cached beside the benchmark's) and
-``--teacher-only`` records just its validation accuracy; ``--pca-energy-params N`` runs the PCA-energy baseline at
-that size instead. Each run appends one line to ``benchmarks/results/vision_sweep.jsonl``.
+[--learning-rate LR] [--quantile TAU] [--alpha A] [--hidden-weight B] [--seed 0] [--threads 1]``, each default the
+benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train another teacher (cached beside the
+benchmark's) and ``--teacher-only`` records just its validation accuracy; ``--pca-energy-params N`` runs the
+PCA-energy baseline at that size instead. Each run appends one line to ``benchmarks/results/vision_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--final-steps", type=int, default=vision.FULL.final_steps)
     parser.add_argument("--max-metric-drop", type=float, default=vision.MAX_METRIC_DROP)
     parser.add_argument("--learning-rate", type=float, default=vision.LEARNING_RATE)
+    parser.add_argument("--quantile", type=float, default=vision.SPECTRUM_QUANTILE, help="spectrum_quantile τ")
     parser.add_argument("--alpha", type=float, default=None, help="distillation_alpha (default: the library's)")
     parser.add_argument("--hidden-weight", type=float, default=None,
                         help="distillation_hidden_weight (default: the library's)")
@@ -84,7 +85,7 @@ def main() -> None:
                   **teacher_record, **teacher_agreement(model, teacher, data["validation"], None),
                   "seconds": round(time.perf_counter() - start, 1)}
         return _record(record)
-    args = vision._rmtkd_args(budget, options.seed)
+    args = vision._rmtkd_args(budget, options.seed, quantile=options.quantile)
     args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
     if options.alpha is not None:
         args.distillation_alpha = options.alpha
@@ -95,7 +96,7 @@ def main() -> None:
                             calibration=calibration)
     record = {"sites_per_round": options.sites_per_round, "steps": options.steps,
               "final_steps": options.final_steps, "max_metric_drop": options.max_metric_drop, "seed": options.seed,
-              "learning_rate": args.learning_rate, "alpha": args.distillation_alpha,
+              "learning_rate": args.learning_rate, "quantile": options.quantile, "alpha": args.distillation_alpha,
               "hidden_weight": args.distillation_hidden_weight,
               "threads": options.threads, "params": model.num_parameters(),
               "target_params": round(vision.TARGET_PARAMS * teacher.num_parameters()),
