@@ -199,20 +199,22 @@ def cached_teacher(cache: Path, settings: dict, model_class, config, args: Train
         cache: the folder (a `from_pretrained` checkpoint plus ``teacher_settings.json``).
         settings: what the teacher is trained with; a cache made with other settings is trained again.
         model_class, config: the model, initialised as ``model_class(config)`` after seeding with ``args.seed``.
-        args: the training arguments; their ``output_dir`` is removed after training.
+        args: the training arguments; their ``output_dir`` is removed afterwards.
         train, validation, collator: the data.
 
     Returns:
         ``(model, where it came from)``.
     """
     recorded = cache / "teacher_settings.json"
-    if recorded.exists() and json.loads(recorded.read_text()) == settings:
-        return model_class.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
-    set_seed(args.seed)
-    trainer = Trainer(model=model_class(config), args=args, train_dataset=train, eval_dataset=validation,
-                      data_collator=collator, compute_metrics=compute_accuracy)
-    trainer.train()
-    shutil.rmtree(args.output_dir, ignore_errors=True)
+    try:
+        if recorded.exists() and json.loads(recorded.read_text()) == settings:
+            return model_class.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
+        set_seed(args.seed)
+        trainer = Trainer(model=model_class(config), args=args, train_dataset=train, eval_dataset=validation,
+                          data_collator=collator, compute_metrics=compute_accuracy)
+        trainer.train()
+    finally:  # the epoch checkpoints, and the empty folder the arguments made when the cache is reused
+        shutil.rmtree(args.output_dir, ignore_errors=True)
     trainer.model.save_pretrained(cache)
     recorded.write_text(json.dumps(settings))
     return trainer.model, f"trained now ({settings}), cached in benchmarks/.cache/{cache.name}"

@@ -240,6 +240,29 @@ def test_no_accuracy_loss_counts_only_against_a_teacher_that_beats_the_commonest
     assert ("not measurable" in measured) is not measurable
 
 
+def test_cached_teacher_trains_once_and_again_only_for_other_settings(tmp_path):
+    from harness import cached_teacher
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic",
+                          num_labels=2)
+    data = Dataset.from_dict({"pixel_values": torch.randn(8, 1, 8, 8).tolist(), "labels": [0, 1] * 4})
+
+    def teacher(settings):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
+                                 save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True)
+        return cached_teacher(tmp_path / "cache", settings, ResNetForImageClassification, config, args, train=data,
+                              validation=data)
+
+    trained, source = teacher({"epochs": 1})
+    assert source.startswith("trained now") and not (tmp_path / "run").exists()
+    reused, source = teacher({"epochs": 1})
+    assert source == "reused benchmarks/.cache/cache" and not (tmp_path / "run").exists()
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(reused.state_dict()[name], value)
+    assert teacher({"epochs": 2})[1].startswith("trained now")
+
+
 def test_majority_class_accuracy_is_the_share_of_the_commonest_label():
     from harness import majority_class_accuracy
 
