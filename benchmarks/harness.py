@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from baselines import distil, rmtkd_without_distillation
-from measure import checkpoint_bytes, measure_row, rapl_files, timed
+from measure import checkpoint_bytes, embedding_parameters, measure_row, rapl_files, timed
 from torch import nn
 from transformers import Trainer, TrainingArguments, set_seed
 
@@ -28,7 +28,7 @@ from hf_rmtkd.utils import write_text_atomic
 
 __all__ = [
     "RowBook", "Rows", "cached_teacher", "environment", "evaluate_accuracy", "finish_row", "majority_class_accuracy",
-    "run_rmtkd",
+    "run_rmtkd", "teacher_row",
 ]
 
 PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "numpy", "psutil")
@@ -264,6 +264,17 @@ def export_sizes(model: nn.Module, export) -> dict:
         return {}
     exported = export(copy.deepcopy(model))
     return {"export_params": parameter_count(exported), "export_safetensors_bytes": checkpoint_bytes(exported)}
+
+
+def teacher_row(teacher: nn.Module, data: dict, *, notes: str, collator=None, export=None) -> dict:
+    """The teacher's row: test and validation accuracy, the majority-class floor of the test split, its sizes (and its
+    deployed form's, with ``export``) and where it came from (``notes``)."""
+    params = parameter_count(teacher)
+    return {"accuracy": evaluate_accuracy(teacher, data["test"], collator=collator),
+            "validation_accuracy": evaluate_accuracy(teacher, data["validation"], collator=collator),
+            "params": params, "non_embedding_params": params - embedding_parameters(teacher),
+            "safetensors_bytes": checkpoint_bytes(teacher), **export_sizes(teacher, export),
+            "majority_class_accuracy": majority_class_accuracy(data["test"]), "notes": notes}
 
 
 def finish_row(name: str, teacher: nn.Module, compress, *, test, collator, inputs, seq_len, runs_b32: int,

@@ -26,8 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import text
-from harness import cached_teacher, environment, evaluate_accuracy, finish_row, majority_class_accuracy, run_rmtkd
-from measure import checkpoint_bytes, embedding_parameters
+from harness import cached_teacher, environment, evaluate_accuracy, finish_row, run_rmtkd, teacher_row
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -37,7 +36,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_rmtkd.bench import example_inputs, parameter_count
+from hf_rmtkd.bench import example_inputs
 from hf_rmtkd.data import minilm_path
 
 __all__ = ["PAPER", "run_paper_scale"]
@@ -102,13 +101,8 @@ def run_paper_scale(smoke: bool = False) -> dict:
 
     teacher, source = load_teacher(data, collator)
     teacher.eval()
-    params = parameter_count(teacher)
-    teacher_row = {"accuracy": evaluate_accuracy(teacher, data["test"], collator=collator),
-                   "validation_accuracy": evaluate_accuracy(teacher, data["validation"], collator=collator),
-                   "params": params, "non_embedding_params": params - embedding_parameters(teacher),
-                   "safetensors_bytes": checkpoint_bytes(teacher),
-                   "majority_class_accuracy": majority_class_accuracy(data["test"]), "notes": source}
-    print(f"[teacher] accuracy {teacher_row['accuracy']:.4f}, params {params:,}", flush=True)
+    teacher_result = teacher_row(teacher, data, collator=collator, notes=source)
+    print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)
     calibration = data["train"].shuffle(seed=0).select(range(PAPER.calibration_examples))
     args = text._rmtkd_args(PAPER, seed=0)
     compressed, rmtkd_row = finish_row(
@@ -120,7 +114,6 @@ def run_paper_scale(smoke: bool = False) -> dict:
               f"{text.LEARNING_RATE}, max_metric_drop {text.MAX_METRIC_DROP}); every site in one round of "
               f"{PAPER.steps_per_round} steps, then {PAPER.final_steps} final steps")
     rmtkd_row["validation_accuracy"] = evaluate_accuracy(compressed, data["validation"], collator=collator)
-    rmtkd_row["non_embedding_params"] = rmtkd_row["params"] - embedding_parameters(compressed)
     return {**record, "model": "BertConfig() shape (12 layers, d 768, FFN 3072), random init, trained from scratch",
             "teacher_recipe": TEACHER_RECIPE,
             "budget": {"steps_per_round": PAPER.steps_per_round, "final_steps": PAPER.final_steps,
@@ -130,5 +123,5 @@ def run_paper_scale(smoke: bool = False) -> dict:
                      "test_description": f"all {len(data['test']):,} test reviews of the minilm_rt split"},
             "timing_input": f"random token ids, sequence length {text.MAX_LENGTH}, no padding; teacher and RMT-KD "
                             "model alternating in one process",
-            "rows": {"teacher": teacher_row, "rmtkd": rmtkd_row}, "mode": "full", "resumed_rows": [],
+            "rows": {"teacher": teacher_result, "rmtkd": rmtkd_row}, "mode": "full", "resumed_rows": [],
             "wall_seconds": round(time.perf_counter() - started, 1)}

@@ -37,8 +37,7 @@ from baselines import (
     svd_uniform,
     svd_uniform_params,
 )
-from harness import RowBook, Rows, environment, evaluate_accuracy, majority_class_accuracy, run_rmtkd
-from measure import checkpoint_bytes, embedding_parameters
+from harness import RowBook, Rows, environment, run_rmtkd, teacher_row
 from report import fold_seed_rows
 from transformers import (
     AutoModelForSequenceClassification,
@@ -51,7 +50,7 @@ from transformers import (
 
 import hf_rmtkd
 from hf_rmtkd.architectures import find_sites
-from hf_rmtkd.bench import example_inputs, parameter_count
+from hf_rmtkd.bench import example_inputs
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.data import load_rotten_tomatoes, minilm_path, tokenize_dataset
 from hf_rmtkd.metrics import compute_accuracy
@@ -229,15 +228,7 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
                                  train=train, validation=data["validation"], calibration=calibration,
                                  collator=collator)
 
-    def teacher_row():
-        params = parameter_count(teacher)
-        return {"accuracy": evaluate_accuracy(teacher, data["test"], collator=collator),
-                "validation_accuracy": evaluate_accuracy(teacher, data["validation"], collator=collator),
-                "params": params, "non_embedding_params": params - embedding_parameters(teacher),
-                "safetensors_bytes": checkpoint_bytes(teacher),
-                "majority_class_accuracy": majority_class_accuracy(data["test"]), "notes": teacher_source}
-
-    teacher_result = book.add("teacher", teacher_row)
+    teacher_result = book.add("teacher", lambda: teacher_row(teacher, data, collator=collator, notes=teacher_source))
     print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)
 
     first = budget.seeds[0]

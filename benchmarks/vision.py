@@ -29,23 +29,12 @@ from baselines import (
     svd_rank_ratio,
     svd_rank_ratio_params,
 )
-from harness import (
-    RowBook,
-    Rows,
-    cached_teacher,
-    environment,
-    evaluate_accuracy,
-    export_sizes,
-    majority_class_accuracy,
-    run_rmtkd,
-)
-from measure import checkpoint_bytes
+from harness import RowBook, Rows, cached_teacher, environment, run_rmtkd, teacher_row
 from report import fold_seed_rows
 from transformers import ResNetConfig, ResNetForImageClassification, TrainingArguments
 
 import hf_rmtkd
 from hf_rmtkd.architectures import find_sites
-from hf_rmtkd.bench import parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.data import load_mnist5k
 from hf_rmtkd.plan import DEFAULT_KINDS
@@ -181,15 +170,8 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
         return lambda: run_rmtkd(teacher, _rmtkd_args(budget, seed, quantile, target), train=data["train"],
                                  validation=data["validation"], calibration=calibration)
 
-    def teacher_row():
-        params = parameter_count(teacher)
-        return {"accuracy": evaluate_accuracy(teacher, data["test"]),
-                "validation_accuracy": evaluate_accuracy(teacher, data["validation"]),
-                "params": params, "non_embedding_params": params, "safetensors_bytes": checkpoint_bytes(teacher),
-                "majority_class_accuracy": majority_class_accuracy(data["test"]),
-                **export_sizes(teacher, hf_rmtkd.fold_batchnorm), "notes": teacher_source}
-
-    teacher_result = book.add("teacher", teacher_row)
+    teacher_result = book.add("teacher", lambda: teacher_row(teacher, data, notes=teacher_source,
+                                                             export=hf_rmtkd.fold_batchnorm))
     print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)
 
     first = budget.seeds[0]
