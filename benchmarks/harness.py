@@ -31,6 +31,7 @@ __all__ = [
     "run_rmtkd", "teacher_row",
 ]
 
+TEACHER_SETTINGS = "teacher_settings.json"
 PACKAGES = ("hf_rmtkd", "torch", "transformers", "datasets", "accelerate", "numpy", "psutil")
 
 
@@ -191,33 +192,47 @@ def cached_teacher(cache: Path, settings: dict, model_class, config, args: Train
                    collator=None) -> tuple[nn.Module, str]:
     """A teacher trained from scratch once and cached in ``cache``; loaded from there while ``settings`` match.
 
-    Trained with ``args`` (which should evaluate and save every epoch and load the best at the end, so that no student
-    distilled for longer than the teacher trained gains from the teacher being under-trained). The settings file is
-    written last: an interrupted save is trained again, never loaded half-written.
+    Trained with ``args`` (which should evaluate and save regularly and load the best checkpoint at the end, so that no
+    student distilled for longer than the teacher trained gains from the teacher being under-trained). The
+    checkpoints go to ``<cache>.checkpoints`` (it replaces ``args.output_dir``) next to a copy of ``settings``: a
+    training cut off (by the end of a session, say) resumes from its last checkpoint when called again with the same
+    settings, and starts over with other settings. The cache's settings file is written last and the checkpoints
+    removed after it: an interrupted save is trained again, never loaded half-written.
 
     Args:
         cache: the folder (a `from_pretrained` checkpoint plus ``teacher_settings.json``).
         settings: what the teacher is trained with; a cache made with other settings is trained again.
         model_class, config: the model, initialised as ``model_class(config)`` after seeding with ``args.seed``.
-        args: the training arguments; their ``output_dir`` is removed afterwards.
+        args: the training arguments; their ``output_dir`` is replaced by the checkpoint folder.
         train, validation, collator: the data.
 
     Returns:
         ``(model, where it came from)``.
     """
-    recorded = cache / "teacher_settings.json"
-    try:
-        if recorded.exists() and json.loads(recorded.read_text()) == settings:
-            return model_class.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
-        set_seed(args.seed)
-        trainer = Trainer(model=model_class(config), args=args, train_dataset=train, eval_dataset=validation,
-                          data_collator=collator, compute_metrics=compute_accuracy)
-        trainer.train()
-    finally:  # the epoch checkpoints, and the empty folder the arguments made when the cache is reused
-        shutil.rmtree(args.output_dir, ignore_errors=True)
+    recorded = cache / TEACHER_SETTINGS
+    if _recorded_settings(cache) == settings:
+        return model_class.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
+    checkpoints = cache.with_name(cache.name + ".checkpoints")
+    resume = _recorded_settings(checkpoints) == settings and any(checkpoints.glob("checkpoint-*"))
+    if not resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoints.mkdir(parents=True)
+        (checkpoints / TEACHER_SETTINGS).write_text(json.dumps(settings))
+    args.output_dir = str(checkpoints)
+    set_seed(args.seed)
+    trainer = Trainer(model=model_class(config), args=args, train_dataset=train, eval_dataset=validation,
+                      data_collator=collator, compute_metrics=compute_accuracy)
+    trainer.train(resume_from_checkpoint=resume or None)
     trainer.model.save_pretrained(cache)
     recorded.write_text(json.dumps(settings))
-    return trainer.model, f"trained now ({settings}), cached in benchmarks/.cache/{cache.name}"
+    shutil.rmtree(checkpoints)
+    how = "resumed from its last checkpoint" if resume else "trained now"
+    return trainer.model, f"{how} ({settings}), cached in benchmarks/.cache/{cache.name}"
+
+
+def _recorded_settings(folder: Path) -> dict | None:
+    recorded = folder / TEACHER_SETTINGS
+    return json.loads(recorded.read_text()) if recorded.exists() else None
 
 
 def majority_class_accuracy(dataset) -> float:

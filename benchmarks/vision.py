@@ -106,7 +106,7 @@ def load_teacher(data: dict, settings: dict = TEACHER_SETTINGS) -> tuple[ResNetF
 
     Trained to convergence: ``settings["epochs"]`` epochs, keeping the epoch with the best validation accuracy.
     """
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-resnet-"), num_train_epochs=settings["epochs"],
+    args = TrainingArguments(output_dir=None, num_train_epochs=settings["epochs"],
                              learning_rate=settings["learning_rate"],
                              per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=128,
                              seed=settings["seed"], eval_strategy="epoch", save_strategy="epoch",

@@ -240,27 +240,53 @@ def test_no_accuracy_loss_counts_only_against_a_teacher_that_beats_the_commonest
     assert ("not measurable" in measured) is not measurable
 
 
-def test_cached_teacher_trains_once_and_again_only_for_other_settings(tmp_path):
+def _tiny_teacher(tmp_path, settings, collator=None, max_steps=1):
+    """`harness.cached_teacher` on a tiny ResNet, checkpointing every step."""
     from harness import cached_teacher
     from transformers import ResNetConfig, ResNetForImageClassification
 
     config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic",
                           num_labels=2)
     data = Dataset.from_dict({"pixel_values": torch.randn(8, 1, 8, 8).tolist(), "labels": [0, 1] * 4})
+    args = TrainingArguments(output_dir=None, max_steps=max_steps, per_device_train_batch_size=4, save_steps=1,
+                             report_to=[], disable_tqdm=True, use_cpu=True)
+    return cached_teacher(tmp_path / "cache", settings, ResNetForImageClassification, config, args, train=data,
+                          validation=data, collator=collator)
 
-    def teacher(settings):
-        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
-                                 save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True)
-        return cached_teacher(tmp_path / "cache", settings, ResNetForImageClassification, config, args, train=data,
-                              validation=data)
 
-    trained, source = teacher({"epochs": 1})
-    assert source.startswith("trained now") and not (tmp_path / "run").exists()
-    reused, source = teacher({"epochs": 1})
-    assert source == "reused benchmarks/.cache/cache" and not (tmp_path / "run").exists()
+def test_cached_teacher_trains_once_and_again_only_for_other_settings(tmp_path):
+    trained, source = _tiny_teacher(tmp_path, {"epochs": 1})
+    assert source.startswith("trained now") and not (tmp_path / "cache.checkpoints").exists()
+    reused, source = _tiny_teacher(tmp_path, {"epochs": 1})
+    assert source == "reused benchmarks/.cache/cache"
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(reused.state_dict()[name], value)
-    assert teacher({"epochs": 2})[1].startswith("trained now")
+    assert _tiny_teacher(tmp_path, {"epochs": 2})[1].startswith("trained now")
+
+
+def test_cached_teacher_resumes_an_interrupted_training_from_its_last_checkpoint(tmp_path):
+    from transformers import default_data_collator
+
+    batches = []
+
+    def interrupted_in_step_two(features):
+        batches.append(len(features))
+        if len(batches) == 3:  # Accelerate's loader collates one batch ahead: this is during step 2
+            raise KeyboardInterrupt("the session ended")
+        return default_data_collator(features)
+
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_teacher(tmp_path, {"epochs": 1}, collator=interrupted_in_step_two, max_steps=3)
+    checkpoints = tmp_path / "cache.checkpoints"
+    assert (checkpoints / "checkpoint-1").is_dir() and not (tmp_path / "cache" / "teacher_settings.json").exists()
+
+    _, source = _tiny_teacher(tmp_path, {"epochs": 2}, max_steps=3)  # other settings: the checkpoint is not theirs
+    assert source.startswith("trained now")
+    batches.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_teacher(tmp_path, {"epochs": 3}, collator=interrupted_in_step_two, max_steps=3)
+    _, source = _tiny_teacher(tmp_path, {"epochs": 3}, max_steps=3)
+    assert source.startswith("resumed from its last checkpoint") and not checkpoints.exists()
 
 
 def test_majority_class_accuracy_is_the_share_of_the_commonest_label():
