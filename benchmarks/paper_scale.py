@@ -12,8 +12,8 @@ round, then a final distillation from the uncut teacher, in fp32), shortened to 
 measured as the other benchmarks' rows are: accuracy on the whole test split, sizes, batch-32 throughput and batch-1
 latency against the teacher (alternating in one process, medians), the FLOP ratio and peak memory.
 
-On 2 CPU cores the full path takes about 1.5 hours at 2 threads; ``--smoke`` keeps the shape of every layer but only
-2 of them and runs a few steps of each stage, to prove the code path end to end.
+On 2 CPU cores the full path takes about 2 hours at 2 threads (the teacher 1.5); ``--smoke`` keeps the shape of every
+layer but only 2 of them and runs a few steps of each stage, to prove the code path end to end.
 
 Run: ``python benchmarks/run.py --paper-scale [--smoke] [--threads 2]``; writes
 ``benchmarks/results/paper_scale[_smoke].json``.
