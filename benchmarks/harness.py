@@ -209,7 +209,6 @@ def cached_teacher(cache: Path, settings: dict, model_class, config, args: Train
     Returns:
         ``(model, where it came from)``.
     """
-    recorded = cache / TEACHER_SETTINGS
     if _recorded_settings(cache) == settings:
         return model_class.from_pretrained(cache), f"reused benchmarks/.cache/{cache.name}"
     checkpoints = cache.with_name(cache.name + ".checkpoints")
@@ -224,7 +223,7 @@ def cached_teacher(cache: Path, settings: dict, model_class, config, args: Train
                       data_collator=collator, compute_metrics=compute_accuracy)
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.model.save_pretrained(cache)
-    recorded.write_text(json.dumps(settings))
+    (cache / TEACHER_SETTINGS).write_text(json.dumps(settings))
     shutil.rmtree(checkpoints)
     how = "resumed from its last checkpoint" if resume else "trained now"
     return trainer.model, f"{how} ({settings}), cached in benchmarks/.cache/{cache.name}"
