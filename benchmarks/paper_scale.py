@@ -6,16 +6,19 @@ weights exist offline (see the project reference notes on the environment), so t
 split (same splits, tokenizer and length 64) with the paper's recipe (but a lower learning rate, see
 `TEACHER_RECIPE`) for `TEACHER_EPOCHS` epochs in bf16 mixed precision, keeping the checkpoint best on validation (one
 every `CHECKPOINT_STEPS` steps). It is cached in ``benchmarks/.cache``; an interrupted training resumes from its last
-checkpoint, an interrupted run after the teacher.
+checkpoint.
 RMT-KD then runs with the text benchmark's settings (library defaults, ``target_params`` 0.2, every site in one
-round, then a final distillation from the uncut teacher, in fp32), shortened to `PAPER` steps. The row is
-measured as the other benchmarks' rows are: accuracy on the whole test split, sizes, batch-32 throughput and batch-1
-latency against the teacher (alternating in one process, medians), the FLOP ratio and peak memory.
+round, then a final distillation from the uncut teacher, in fp32), shortened to `PAPER` steps, once per seed. The
+first seed's row is measured as the other benchmarks' rows are: accuracy on the whole test split, sizes, batch-32
+throughput and batch-1 latency against the teacher (alternating in one process, medians), the FLOP ratio and peak
+memory; the other seeds' rows (the same shapes) add their test accuracy. Every finished row is saved at once, and
+``--resume`` keeps them after an interruption.
 
-On 2 CPU cores the full path takes about 2 hours at 2 threads (the teacher 1.5); ``--smoke`` keeps the shape of every
+On 2 CPU cores the full path takes about 2.5 hours at 2 threads (the teacher 1.5, each seed about 20 minutes);
+``--smoke`` keeps the shape of every
 layer but only 2 of them and runs a few steps of each stage, to prove the code path end to end.
 
-Run: ``python benchmarks/run.py --paper-scale [--smoke] [--threads 2]``; writes
+Run: ``python benchmarks/run.py --paper-scale [--smoke] [--threads 2] [--resume]``; writes
 ``benchmarks/results/paper_scale[_smoke].json``.
 """
 
@@ -28,7 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import text
-from harness import cached_teacher, environment, evaluate_accuracy, finish_row, run_rmtkd, teacher_row
+from harness import RowBook, Rows, cached_teacher, environment, evaluate_accuracy, finish_row, run_rmtkd, teacher_row
+from report import fold_seed_rows
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -54,7 +58,8 @@ TEACHER_RECIPE = {"config": "BertConfig()", "epochs": TEACHER_EPOCHS, "learning_
                   "warmup": 0.1, "seed": 0, "max_length": text.MAX_LENGTH, "mixed_precision": "bf16",
                   "best_on_validation_every_steps": CHECKPOINT_STEPS}
 # The text benchmark's full budget with a shorter schedule: a BERT-base step costs about 8x a MiniLM-L6 step here.
-PAPER = replace(text.FULL, steps_per_round=100, final_steps=300, seeds=(0,))
+# Seeds after the first are accuracy rows (same shapes, so the same speed), about 17 minutes each.
+PAPER = replace(text.FULL, steps_per_round=100, final_steps=300, seeds=(0, 1, 2))
 
 
 def teacher_cache() -> Path:
@@ -96,8 +101,14 @@ def _smoke(data: dict, collator) -> dict:
                       "params": compressed.num_parameters(), **info}}
 
 
-def run_paper_scale(smoke: bool = False) -> dict:
-    """Train (or load) the BERT-base-shaped teacher, compress it with RMT-KD, measure the row and return the record."""
+def run_paper_scale(smoke: bool = False, book: RowBook | None = None) -> dict:
+    """Train (or load) the BERT-base-shaped teacher, compress it with RMT-KD once per seed of `PAPER`, measure the
+    rows and return the record.
+
+    Args:
+        smoke: the 2-layer code-path check instead (see `_smoke`).
+        book: where every finished row is saved at once (an interrupted run resumes there); None keeps them in memory.
+    """
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # bert-base-uncased WordPiece, vocab 30,522
     data = text.load_data(tokenizer, PAPER)
@@ -108,29 +119,42 @@ def run_paper_scale(smoke: bool = False) -> dict:
         return {**record, "model": "BertConfig() shape, 2 layers, random init", **_smoke(data, collator),
                 "wall_seconds": round(time.perf_counter() - started, 1)}
 
+    book = book or RowBook(None, resume=False)
     teacher, source = load_teacher(data, collator)
     teacher.eval()
-    teacher_result = teacher_row(teacher, data, collator=collator, notes=source)
+    teacher_result = book.add("teacher", lambda: teacher_row(teacher, data, collator=collator, notes=source))
     print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)
     calibration = data["train"].shuffle(seed=0).select(range(PAPER.calibration_examples))
-    args = text._rmtkd_args(PAPER, seed=0)
-    compressed, rmtkd_row = finish_row(
-        "rmtkd", teacher, lambda: run_rmtkd(teacher, args, train=data["train"], validation=data["validation"],
-                                            calibration=calibration, collator=collator),
-        test=data["test"], collator=collator, inputs=lambda b, s: example_inputs(teacher, b, s),
-        seq_len=text.MAX_LENGTH, runs_b32=PAPER.runs_b32, runs_b1=PAPER.runs_b1,
-        notes=f"RMTKDTrainer, the text benchmark's settings (target_params {text.TARGET_PARAMS}, lr "
-              f"{text.LEARNING_RATE}, max_metric_drop {text.MAX_METRIC_DROP}); every site in one round of "
-              f"{PAPER.steps_per_round} steps, then {PAPER.final_steps} final steps")
-    rmtkd_row["validation_accuracy"] = evaluate_accuracy(compressed, data["validation"], collator=collator)
-    return {**record, "model": "BertConfig() shape (12 layers, d 768, FFN 3072), random init, trained from scratch",
+
+    def inputs(batch_size: int, seq_len: int) -> dict:
+        return example_inputs(teacher, batch_size, seq_len)
+
+    def rmtkd(seed: int):
+        return lambda: run_rmtkd(teacher, text._rmtkd_args(PAPER, seed=seed), train=data["train"],
+                                 validation=data["validation"], calibration=calibration, collator=collator)
+
+    def measured_row() -> dict:
+        compressed, row = finish_row(
+            "rmtkd", teacher, rmtkd(PAPER.seeds[0]), test=data["test"], collator=collator,
+            inputs=inputs, seq_len=text.MAX_LENGTH, runs_b32=PAPER.runs_b32, runs_b1=PAPER.runs_b1,
+            notes=f"RMTKDTrainer, the text benchmark's settings (target_params {text.TARGET_PARAMS}, lr "
+                  f"{text.LEARNING_RATE}, max_metric_drop {text.MAX_METRIC_DROP}); every site in one round of "
+                  f"{PAPER.steps_per_round} steps, then {PAPER.final_steps} final steps")
+        return {**row, "validation_accuracy": evaluate_accuracy(compressed, data["validation"], collator=collator)}
+
+    book.add("rmtkd", measured_row, timed=True)
+    rows = Rows(book, teacher, test=data["test"], collator=collator, inputs=inputs, seq_len=text.MAX_LENGTH,
+                runs_b32=PAPER.runs_b32, runs_b1=PAPER.runs_b1)
+    for seed in PAPER.seeds[1:]:
+        rows.accuracy_only(f"rmtkd_seed{seed}", rmtkd(seed))
+    return {**record, "environment": environment(list(PAPER.seeds)),
+            "model": "BertConfig() shape (12 layers, d 768, FFN 3072), random init, trained from scratch",
             "teacher_recipe": TEACHER_RECIPE,
             "budget": {"steps_per_round": PAPER.steps_per_round, "final_steps": PAPER.final_steps,
                        "calibration_examples": PAPER.calibration_examples, "runs_b32": PAPER.runs_b32,
-                       "runs_b1": PAPER.runs_b1},
+                       "runs_b1": PAPER.runs_b1, "seeds": list(PAPER.seeds)},
             "data": {**{name: len(split) for name, split in data.items()},
                      "test_description": f"all {len(data['test']):,} test reviews of the minilm_rt split"},
             "timing_input": f"random token ids, sequence length {text.MAX_LENGTH}, no padding; teacher and RMT-KD "
-                            "model alternating in one process",
-            "rows": {"teacher": teacher_result, "rmtkd": rmtkd_row}, "mode": "full", "resumed_rows": [],
-            "wall_seconds": round(time.perf_counter() - started, 1)}
+                            "model alternating in one process (first seed; the others have the same shapes)",
+            "rows": fold_seed_rows(book.rows_in_order())}

@@ -401,9 +401,9 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
             f"Energy per inference: {'in the result file' if env['rapl'] == 'available' else 'unavailable (no RAPL)'}."
             " "
             f"Details: `benchmarks/results/{name}.json`."
-            + (" Opt-in, one seed, no baselines: `python benchmarks/run.py --paper-scale --threads 2`; the paper's "
-               "BERT-base setting (trained from scratch on the task, then compressed), held to the text targets."
-               if name == "paper_scale" else ""),
+            + (f" Opt-in, RMT-KD over {_seed_spread(result['rows']['rmtkd'])[2]} seed(s), no baselines: "
+               "`python benchmarks/run.py --paper-scale --threads 2`; the paper's BERT-base setting (trained from "
+               "scratch on the task, then compressed), held to the text targets." if name == "paper_scale" else ""),
             "",
             *_table(name, result),
             "",

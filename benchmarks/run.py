@@ -4,7 +4,7 @@ Usage (from the repository root, offline):
     python benchmarks/run.py --quick                   # one seed, subsets, < 20 min on 2 idle cores
     python benchmarks/run.py                           # full: 3 seeds, whole test split, 50+ timed runs
     python benchmarks/run.py --quick --only minilm_rt  # one benchmark (the others' results are kept)
-    python benchmarks/run.py --paper-scale --threads 2 # opt-in: BERT-base shape from scratch, then RMT-KD (~2 h)
+    python benchmarks/run.py --paper-scale --threads 2 # opt-in: BERT-base shape from scratch, then RMT-KD (~2.5 h)
     python benchmarks/run.py --paper-scale --smoke     # the same path with 2 layers and a few steps
     python benchmarks/run.py --resume                  # continue an interrupted run from its saved rows
     python benchmarks/run.py --report-only             # rebuild summary.json, README table and plot
@@ -75,10 +75,17 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     if options.paper_scale:
         import paper_scale
+        from harness import RowBook
 
-        result = paper_scale.run_paper_scale(smoke=options.smoke)
         name = "paper_scale_smoke" if options.smoke else "paper_scale"
+        partial = results / f"{name}.partial.json"
+        book = RowBook(partial, resume=options.resume)
+        resumed = list(book.rows)
+        result = paper_scale.run_paper_scale(smoke=options.smoke, book=book)
+        # Rows an interrupted run made are listed: their time is not in wall_seconds.
+        result.update(mode="smoke" if options.smoke else "full", resumed_rows=resumed)
         (results / f"{name}.json").write_text(json.dumps(result, indent=2))
+        partial.unlink(missing_ok=True)
         print(f"Wrote {results / f'{name}.json'}")
     elif not options.report_only:
         from harness import RowBook

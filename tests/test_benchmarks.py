@@ -224,7 +224,7 @@ def test_paper_scale_result_is_reported_beside_the_benchmarks(tmp_path):
     summary = report.regenerate(tmp_path, readme)
     assert set(summary) == {"minilm_rt", "paper_scale"} and summary["paper_scale"]["baselines"] == {}
     section = readme.read_text().split("### `paper_scale`")[1]
-    assert "run.py --paper-scale" in section
+    assert "run.py --paper-scale" in section and "RMT-KD over 1 seed(s)" in section
     assert "- met: >= 80% fewer total params — 85.0% fewer" in section
     assert "- **missed**: >= 2.8x batch-32 throughput — x2.00" in section
 
