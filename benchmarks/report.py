@@ -348,9 +348,10 @@ def _partial_section(name: str, rows: dict[str, dict]) -> list[str]:
 
 def _breakdown_lines(breakdown: dict) -> list[str]:
     """Where the batch-32 time of teacher and RMT-KD model goes (from `speed_breakdown.py`), and the compiled ratio."""
-    row = breakdown.get("row", "rmtkd")
-    lines = [f"Where the batch-32 time goes, row `{row}` (`benchmarks/speed_breakdown.py --row {row}`: self CPU time "
-             f"per forward pass, eager, by kind of operator; {breakdown['input']}):", ""]
+    row, threads = breakdown.get("row", "rmtkd"), breakdown["environment"]["torch_threads"]
+    lines = [f"Where the batch-32 time goes, row `{row}` at {threads} thread(s) (`benchmarks/speed_breakdown.py --row "
+             f"{row} --threads {threads}`: self CPU time per forward pass, eager, by kind of operator; "
+             f"{breakdown['input']}):", ""]
     for model, times in breakdown["self_cpu_ms_per_forward_eager"].items():
         total = sum(times.values())
         shares = ", ".join(f"{kind} {ms / total:.0%}" for kind, ms in times.items() if ms / total >= 0.01)
@@ -458,7 +459,7 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     validate_summary(summary)
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(results, results_dir / "frontier.png")
-    # speed_breakdown.json (the rmtkd row) first, then speed_breakdown_<row>.json for other rows.
+    # speed_breakdown.json (the rmtkd row at 2 threads) first, then the other rows and thread counts.
     breakdowns = [json.loads(path.read_text()) for path in sorted(results_dir.glob("speed_breakdown*.json"))]
     probe_file = results_dir / "memory_probe.json"
     probe = json.loads(probe_file.read_text()) if probe_file.exists() else None

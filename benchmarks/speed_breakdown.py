@@ -15,7 +15,8 @@ row's round log) with freshly initialised weights (`shapes.rmtkd_shaped_model`);
 
 Usage (after `python benchmarks/run.py --only minilm_rt`):
     python benchmarks/speed_breakdown.py [--runs 50] [--repeats 5] [--threads 2] [--row rmtkd]
-Writes ``results/speed_breakdown.json`` (``results/speed_breakdown_<row>.json`` for another row).
+Writes ``results/speed_breakdown.json`` (``results/speed_breakdown_<row>[_threads<N>].json`` for another row or
+thread count).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from hf_rmtkd.bench import compare_speed, count_flops, example_inputs
 from hf_rmtkd.utils import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_THREADS = 2  # the text benchmark's timings
 
 # Operator kinds: exact aten names, or name fragments where the kernel names vary. Self time of `aten::linear` lands
 # in addmm / mm; what matches nothing (copies, reshapes, dispatch) is "other".
@@ -77,13 +79,19 @@ def time_by_kind(model, batch, runs: int) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
+def output_name(row: str, threads: int) -> str:
+    """``speed_breakdown.json`` for the rmtkd row at the benchmark's 2 threads; else the row and threads named."""
+    return ("speed_breakdown" + ("" if row == "rmtkd" else f"_{row}") + ("" if threads == DEFAULT_THREADS else
+            f"_threads{threads}") + ".json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50, help="timed alternating rounds per comparison")
     parser.add_argument("--repeats", type=int, default=5, help="eager comparisons (blocks of --runs rounds)")
     parser.add_argument("--row", default="rmtkd", help="the result row whose shapes are rebuilt (its round log)")
     parser.add_argument("--profile-runs", type=int, default=10, help="forward passes profiled per model")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch intra-op threads")
     parser.add_argument("--results", type=Path, default=RESULTS / "minilm_rt.json",
                         help="the text benchmark's results (or its .partial.json while it runs)")
     options = parser.parse_args()
@@ -117,8 +125,7 @@ def main() -> None:
                      "teacher_ms": compiled["original_s"] * 1e3, "rmtkd_ms": compiled["compressed_s"] * 1e3},
         "self_cpu_ms_per_forward_eager": profile,
     }
-    name = "speed_breakdown.json" if options.row == "rmtkd" else f"speed_breakdown_{options.row}.json"
-    write_text_atomic(RESULTS / name, json.dumps(report, indent=2))
+    write_text_atomic(RESULTS / output_name(options.row, options.threads), json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "environment"}, indent=2))
 
 

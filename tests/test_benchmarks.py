@@ -315,7 +315,7 @@ def readme_with_breakdown(tmp_path, file_name: str, breakdown: dict) -> str:
 
 
 def test_speed_breakdown_is_reported_under_the_text_benchmark(tmp_path):
-    breakdown = {"input": "batch 32 x 64", "flop_ratio": 5.0,
+    breakdown = {"input": "batch 32 x 64", "flop_ratio": 5.0, "environment": {"torch_threads": 2},
                  "eager": {"speedup": 3.0, "share_of_flop_ceiling": 0.6},
                  "compiled": {"speedup": 3.5, "share_of_flop_ceiling": 0.7},
                  "self_cpu_ms_per_forward_eager": {"teacher": {"matrix products (Linear)": 80.0, "LayerNorm": 20.0},
@@ -324,16 +324,27 @@ def test_speed_breakdown_is_reported_under_the_text_benchmark(tmp_path):
     assert "- teacher: 100 ms — matrix products (Linear) 80%, LayerNorm 20%" in text
     assert "- rmtkd: 35 ms — matrix products (Linear) 43%, LayerNorm 57%" in text
     assert "eager x3.00 (60% of the FLOP ratio x5.00)" in text and "`torch.compile` x3.50 (70%)" in text
+    assert "row `rmtkd` at 2 thread(s)" in text
+
+
+@pytest.mark.parametrize("row, threads, name", [("rmtkd", 2, "speed_breakdown.json"),
+                                                ("rmtkd", 1, "speed_breakdown_threads1.json"),
+                                                ("rmtkd_residual", 2, "speed_breakdown_rmtkd_residual.json"),
+                                                ("rmtkd_residual", 1, "speed_breakdown_rmtkd_residual_threads1.json")])
+def test_speed_breakdown_files_name_the_row_and_threads_that_differ_from_the_benchmark(row, threads, name):
+    assert speed_breakdown.output_name(row, threads) == name
 
 
 def test_a_repeated_breakdown_of_another_row_reports_its_blocks(tmp_path):
     breakdown = {"row": "rmtkd_residual", "input": "batch 32 x 64", "flop_ratio": 8.0,
+                 "environment": {"torch_threads": 1},
                  "eager": {"speedup": 4.0, "share_of_flop_ceiling": 0.5, "speedups": [3.8, 4.0, 4.4],
                            "runs_per_block": 30},
                  "compiled": {"speedup": 4.4, "share_of_flop_ceiling": 0.55},
                  "self_cpu_ms_per_forward_eager": {"teacher": {"LayerNorm": 10.0}, "rmtkd": {"LayerNorm": 5.0}}}
-    text = readme_with_breakdown(tmp_path, "speed_breakdown_rmtkd_residual.json", breakdown)
-    assert "row `rmtkd_residual` (`benchmarks/speed_breakdown.py --row rmtkd_residual`" in text
+    text = readme_with_breakdown(tmp_path, speed_breakdown.output_name("rmtkd_residual", 1), breakdown)
+    assert ("row `rmtkd_residual` at 1 thread(s) (`benchmarks/speed_breakdown.py --row rmtkd_residual --threads 1`"
+            in text)
     assert "eager x4.00, the median of 3 blocks of 30 rounds (range x3.80–x4.40) (50% of the FLOP ratio x8.00)" in text
 
 
