@@ -50,6 +50,6 @@ bench: install
 bench-quick: install
 	$(PY) benchmarks/run.py --quick $(BENCH_FLAGS)
 
-# Opt-in, about 2.5 hours on 2 cores: the paper's BERT-base setting (trained from scratch on the task), then RMT-KD.
+# Opt-in, about 3 hours on 2 cores: the paper's BERT-base setting (trained from scratch on the task), then RMT-KD.
 bench-paper: install
 	$(PY) benchmarks/run.py --paper-scale $(BENCH_FLAGS)

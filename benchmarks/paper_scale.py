@@ -14,7 +14,7 @@ throughput and batch-1 latency against the teacher (alternating in one process, 
 memory; the other seeds' rows (the same shapes) add their test accuracy. Every finished row is saved at once, and
 ``--resume`` keeps them after an interruption.
 
-On 2 CPU cores the full path takes about 2.5 hours at 2 threads (the teacher 1.5, each seed about 20 minutes);
+On 2 CPU cores the full path takes about 3 hours at 2 threads (the teacher 1.5, each seed about 20 to 30 minutes);
 ``--smoke`` keeps the shape of every
 layer but only 2 of them and runs a few steps of each stage, to prove the code path end to end.
 
@@ -58,7 +58,7 @@ TEACHER_RECIPE = {"config": "BertConfig()", "epochs": TEACHER_EPOCHS, "learning_
                   "warmup": 0.1, "seed": 0, "max_length": text.MAX_LENGTH, "mixed_precision": "bf16",
                   "best_on_validation_every_steps": CHECKPOINT_STEPS}
 # The text benchmark's full budget with a shorter schedule: a BERT-base step costs about 8x a MiniLM-L6 step here.
-# Seeds after the first are accuracy rows (same shapes, so the same speed), about 17 minutes each.
+# Seeds after the first are accuracy rows (same shapes, so the same speed), about 28 minutes each here.
 PAPER = replace(text.FULL, steps_per_round=100, final_steps=300, seeds=(0, 1, 2))
 
 
@@ -157,4 +157,4 @@ def run_paper_scale(smoke: bool = False, book: RowBook | None = None) -> dict:
                      "test_description": f"all {len(data['test']):,} test reviews of the minilm_rt split"},
             "timing_input": f"random token ids, sequence length {text.MAX_LENGTH}, no padding; teacher and RMT-KD "
                             "model alternating in one process (first seed; the others have the same shapes)",
-            "rows": fold_seed_rows(book.rows_in_order())}
+            "rows": fold_seed_rows(book.rows_in_order()), "wall_seconds": round(time.perf_counter() - started, 1)}
