@@ -2,7 +2,7 @@
 
 Usage (from the repository root, offline):
     python benchmarks/run.py --quick                   # one seed, subsets, < 20 min on 2 idle cores
-    python benchmarks/run.py                           # full: 3 seeds, whole test split, 50+ timed runs
+    python benchmarks/run.py                           # full: 3 seeds (vision 10), whole test split, 50+ timed runs
     python benchmarks/run.py --quick --only minilm_rt  # one benchmark (the others' results are kept)
     python benchmarks/run.py --paper-scale --threads 2 # opt-in: BERT-base shape from scratch, then RMT-KD (~3 h)
     python benchmarks/run.py --paper-scale --smoke     # the same path with 2 layers and a few steps

@@ -76,8 +76,10 @@ QUICK = VisionBudget(sites_per_round=64, steps_per_round=60, final_steps=60, tau
 # Every site in one round, then the final phase, as in the text benchmark. Chosen on validation (`vision_sweep.py`,
 # 3 seeds): 0.978 at 94,010 parameters, against 0.977 at about 108,000 for 4 sites per round (100 steps each, 300
 # final); the same 700 steps in all.
+# 10 seeds for RMT-KD and the strongest baseline (a minute each): at 3 seeds the two differed by less than their
+# spread, with 1,000 test images; the count was fixed before the extra seeds ran, and every seed is reported.
 FULL = VisionBudget(sites_per_round=64, steps_per_round=100, final_steps=600, tau_steps=None, runs_b32=50,
-                    runs_b1=100, seeds=(0, 1, 2))
+                    runs_b1=100, seeds=tuple(range(10)))
 TARGET_PARAMS = 0.5  # the user's goal in this benchmark: half the parameters (the issue's target)
 # σ²'s starting quantile τ, chosen on validation (`vision_sweep.py --quantile`, 3 seeds, the one round and final phase
 # below): 0.981 at τ 0.3 (its cut of 115,444 parameters trimmed to the goal, 111,078), 0.978 at the library's 0.5
