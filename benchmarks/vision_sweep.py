@@ -6,10 +6,11 @@ model scores on the 500 validation images, how closely it follows the teacher th
 KL(teacher ‖ model)), its parameter count and why the run stopped. The test split is never touched.
 
 Run: ``python benchmarks/vision_sweep.py [--sites-per-round N] [--steps N] [--final-steps N] [--max-metric-drop D]
-[--learning-rate LR] [--quantile TAU] [--alpha A] [--hidden-weight B] [--seed 0] [--threads 1]``, each default the
-benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train another teacher (cached beside the
-benchmark's) and ``--teacher-only`` records just its validation accuracy; ``--pca-energy-params N`` runs the
-PCA-energy baseline at that size instead. Each run appends one line to ``benchmarks/results/vision_sweep.jsonl``.
+[--learning-rate LR] [--quantile TAU] [--target-search quantile] [--alpha A] [--hidden-weight B] [--seed 0]
+[--threads 1]``, each default the benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train another
+teacher (cached beside the benchmark's) and ``--teacher-only`` records just its validation accuracy;
+``--pca-energy-params N`` runs the PCA-energy baseline at that size instead. Each run appends one line to
+``benchmarks/results/vision_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--max-metric-drop", type=float, default=vision.MAX_METRIC_DROP)
     parser.add_argument("--learning-rate", type=float, default=vision.LEARNING_RATE)
     parser.add_argument("--quantile", type=float, default=vision.SPECTRUM_QUANTILE, help="spectrum_quantile τ")
+    parser.add_argument("--target-search", choices=["quantile"], default=None,
+                        help="reach the parameter target by raising τ at every site (default: the library's "
+                        "signal fraction)")
     parser.add_argument("--alpha", type=float, default=None, help="distillation_alpha (default: the library's)")
     parser.add_argument("--hidden-weight", type=float, default=None,
                         help="distillation_hidden_weight (default: the library's)")
@@ -87,6 +91,8 @@ def main() -> None:
         return _record(record)
     args = vision._rmtkd_args(budget, options.seed, quantile=options.quantile)
     args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
+    if options.target_search is not None:
+        args.target_search = options.target_search
     if options.alpha is not None:
         args.distillation_alpha = options.alpha
     if options.hidden_weight is not None:
@@ -96,7 +102,8 @@ def main() -> None:
                             calibration=calibration)
     record = {"sites_per_round": options.sites_per_round, "steps": options.steps,
               "final_steps": options.final_steps, "max_metric_drop": options.max_metric_drop, "seed": options.seed,
-              "learning_rate": args.learning_rate, "quantile": options.quantile, "alpha": args.distillation_alpha,
+              "learning_rate": args.learning_rate, "quantile": options.quantile, "target_search": args.target_search,
+              "alpha": args.distillation_alpha,
               "hidden_weight": args.distillation_hidden_weight,
               "threads": options.threads, "params": model.num_parameters(),
               "target_params": round(vision.TARGET_PARAMS * teacher.num_parameters()),
