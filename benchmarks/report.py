@@ -381,10 +381,10 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         "`make bench-quick` (one seed, test subsets, short schedules, few timed runs) or `make bench` (3 seeds for "
         "RMT-KD and the strongest baseline, 10 in the vision benchmark; whole test split; 50 timed runs at batch 32 "
         "and 100 at batch 1). Accuracy is on the held-out test split, which chose nothing; RMT-KD's rounds are "
-        "accepted on a validation split carved from the training part. Ratios are teacher time ÷ model time (above 1 ="
-        " faster), measured alternately in one process on random inputs; the FLOP ratio is the ceiling. Baselines are "
-        "sized to RMT-KD's total parameter count (±3%, *matched*) and distilled with RMT-KD's loss for as many steps "
-        "as RMT-KD trained.",
+        "accepted on a validation split carved from the training part. Ratios are teacher time ÷ model time "
+        "(above 1 = faster), measured alternately in one process on random inputs; the FLOP ratio is the ceiling. "
+        "Baselines are sized to RMT-KD's total parameter count (±3%, *matched*) and distilled with RMT-KD's loss for "
+        "as many steps as RMT-KD trained.",
         "",
         "![Test accuracy against total parameters, every row: seed means ± std](benchmarks/results/frontier.png)",
         "",
