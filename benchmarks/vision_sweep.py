@@ -9,13 +9,15 @@ Run: ``python benchmarks/vision_sweep.py [--sites-per-round N] [--steps N] [--fi
 [--learning-rate LR] [--quantile TAU] [--target-search quantile] [--alpha A] [--hidden-weight B] [--seed 0]
 [--threads 1]``, each default the benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train another
 teacher (cached beside the benchmark's) and ``--teacher-only`` records just its validation accuracy;
-``--pca-energy-params N`` runs the PCA-energy baseline at that size instead. Each run appends one line to
-``benchmarks/results/vision_sweep.jsonl``.
+``--pca-energy-params N`` runs the PCA-energy baseline at that size instead, and ``--cost-split TAU`` a one-shot
+cut whose outliers (counted at τ) are shared out by their cost (`cost_split_ranks`), both distilled for
+``--kd-steps``. Each run appends one line to ``benchmarks/results/vision_sweep.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import replace
@@ -23,9 +25,14 @@ from pathlib import Path
 
 import torch
 import vision
-from baselines import distil, pca_energy
+from baselines import distil, pca_energy, wrap
 from distillation_sweep import teacher_agreement
 from harness import evaluate_accuracy, run_rmtkd
+
+from hf_rmtkd.calibration import recount
+from hf_rmtkd.cut import apply_plan
+from hf_rmtkd.plan import plan_reductions
+from hf_rmtkd.spectrum import signal_variances
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_sweep.jsonl"
 
@@ -35,6 +42,29 @@ def _record(record: dict) -> None:
     print(json.dumps(record), flush=True)
     with RESULTS.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def cost_split_ranks(teacher, measurements, target: int) -> list:
+    """The measurements with their outlier counts lowered, one direction at a time, until the plan leaves ``target``
+    parameters: each step drops the kept outlier with the least signal (as a share of its site's signal) per
+    parameter it costs (the plan's saving for one direction less at that site). No bulk direction is ever kept; unlike
+    the library's equal signal fraction, directions in wide layers go first."""
+    def ranked(ks):
+        return [m.with_outliers(replace(m.outliers, k=k)) for m, k in zip(measurements, ks, strict=True)]
+
+    def params(ks):
+        plan = plan_reductions(ranked(ks), teacher, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
+        return teacher.num_parameters() - plan.params_saved
+
+    ks = [m.outliers.k for m in measurements]
+    shares = [(s / s.sum()).tolist() for s in (signal_variances(m.eigenvalues, m.outliers) for m in measurements)]
+    costs = [max(params(ks) - params([k - (j == i) for j, k in enumerate(ks)]), 1) for i in range(len(ks))]
+    while params(ks) > target:
+        open_sites = [i for i, k in enumerate(ks) if k > vision.MIN_RANK]
+        if not open_sites:
+            break
+        ks[min(open_sites, key=lambda i: shares[i][ks[i] - 1] / costs[i])] -= 1
+    return ranked(ks)
 
 
 def main() -> None:
@@ -57,7 +87,11 @@ def main() -> None:
     parser.add_argument("--pca-energy-params", type=int, default=None,
                         help="instead of RMT-KD: the PCA-energy baseline sized to this many parameters, distilled "
                         "for --kd-steps steps (is a gap between them on the test split there on validation too?)")
-    parser.add_argument("--kd-steps", type=int, default=700, help="with --pca-energy-params: distillation steps")
+    parser.add_argument("--cost-split", type=float, default=None, metavar="TAU",
+                        help="instead of RMT-KD: outliers counted at TAU, shared out by `cost_split_ranks` to the "
+                        "benchmark's target, one-shot cut, distilled for --kd-steps steps")
+    parser.add_argument("--kd-steps", type=int, default=700,
+                        help="with --pca-energy-params or --cost-split: distillation steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args()
@@ -76,6 +110,22 @@ def main() -> None:
     if options.teacher_only:
         return _record(teacher_record)
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
+    if options.cost_split is not None:
+        start = time.perf_counter()
+        target = round(vision.TARGET_PARAMS * teacher.num_parameters())
+        measurements = recount(vision.site_measurements(teacher, calibration.remove_columns("labels")),
+                               quantile=options.cost_split)
+        ranked = cost_split_ranks(teacher, measurements, target)
+        model = copy.deepcopy(teacher)
+        plan = plan_reductions(ranked, model, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
+        model = wrap(model, apply_plan(model, plan, ranked))
+        distil(model, teacher, data["train"], steps=options.kd_steps, args=vision._kd_args(options.seed))
+        return _record({"row": "cost_split", "quantile": options.cost_split, "kd_steps": options.kd_steps,
+                        "seed": options.seed, "learning_rate": vision.LEARNING_RATE, "threads": options.threads,
+                        "ranks": {cut.site: cut.rank for cut in plan.cuts}, "params": model.num_parameters(),
+                        "validation_accuracy": evaluate_accuracy(model, data["validation"]), **teacher_record,
+                        **teacher_agreement(model, teacher, data["validation"], None),
+                        "seconds": round(time.perf_counter() - start, 1)})
     if options.pca_energy_params is not None:
         start = time.perf_counter()
         measurements = vision.site_measurements(teacher, calibration.remove_columns("labels"))
