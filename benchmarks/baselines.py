@@ -46,6 +46,7 @@ from hf_rmtkd.training_args import RMTKDTrainingArguments
 
 __all__ = [
     "KDTrainer",
+    "cut_at_ranks",
     "distil",
     "energy_rank",
     "layer_drop",
@@ -228,8 +229,14 @@ def pca_energy(teacher: nn.Module, measurements, threshold: float, *, kinds, min
         threshold: the fraction of variance each site keeps, in (0, 1].
         kinds, min_rank, ffn_method: as for `hf_rmtkd.compress`.
     """
+    return cut_at_ranks(teacher, _with_energy_ranks(measurements, threshold), kinds=kinds, min_rank=min_rank,
+                        ffn_method=ffn_method)
+
+
+def cut_at_ranks(teacher: nn.Module, ranked, *, kinds, min_rank: int, ffn_method: str = "select") -> nn.Module:
+    """A copy of ``teacher`` with every site cut to the outlier count ``k`` its measurement in ``ranked`` carries,
+    with RMT-KD's own planner and surgery (the baselines differ only in how they set each k)."""
     model = copy.deepcopy(teacher)
-    ranked = _with_energy_ranks(measurements, threshold)
     plan = plan_reductions(ranked, model, kinds=kinds, min_rank=min_rank)
     return wrap(model, apply_plan(model, plan, ranked, ffn_method=ffn_method))
 

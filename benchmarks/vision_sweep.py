@@ -17,7 +17,6 @@ cut whose outliers (counted at τ) are shared out by their cost (`cost_split_ran
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from dataclasses import replace
@@ -25,12 +24,11 @@ from pathlib import Path
 
 import torch
 import vision
-from baselines import distil, pca_energy, wrap
+from baselines import cut_at_ranks, distil, pca_energy
 from distillation_sweep import teacher_agreement
 from harness import evaluate_accuracy, run_rmtkd
 
 from hf_rmtkd.calibration import recount
-from hf_rmtkd.cut import apply_plan
 from hf_rmtkd.plan import plan_reductions
 from hf_rmtkd.spectrum import signal_variances
 
@@ -58,7 +56,8 @@ def cost_split_ranks(teacher, measurements, target: int) -> list:
 
     ks = [m.outliers.k for m in measurements]
     shares = [(s / s.sum()).tolist() for s in (signal_variances(m.eigenvalues, m.outliers) for m in measurements)]
-    costs = [max(params(ks) - params([k - (j == i) for j, k in enumerate(ks)]), 1) for i in range(len(ks))]
+    full = params(ks)
+    costs = [max(full - params([k - (j == i) for j, k in enumerate(ks)]), 1) for i in range(len(ks))]
     while params(ks) > target:
         open_sites = [i for i, k in enumerate(ks) if k > vision.MIN_RANK]
         if not open_sites:
@@ -115,14 +114,14 @@ def main() -> None:
         target = round(vision.TARGET_PARAMS * teacher.num_parameters())
         measurements = recount(vision.site_measurements(teacher, calibration.remove_columns("labels")),
                                quantile=options.cost_split)
-        ranked = cost_split_ranks(teacher, measurements, target)
-        model = copy.deepcopy(teacher)
-        plan = plan_reductions(ranked, model, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
-        model = wrap(model, apply_plan(model, plan, ranked))
+        model = cut_at_ranks(teacher, cost_split_ranks(teacher, measurements, target), kinds=vision.KINDS,
+                             min_rank=vision.MIN_RANK)
         distil(model, teacher, data["train"], steps=options.kd_steps, args=vision._kd_args(options.seed))
         return _record({"row": "cost_split", "quantile": options.cost_split, "kd_steps": options.kd_steps,
                         "seed": options.seed, "learning_rate": vision.LEARNING_RATE, "threads": options.threads,
-                        "ranks": {cut.site: cut.rank for cut in plan.cuts}, "params": model.num_parameters(),
+                        "ranks": {path: entry.get("rank", entry.get("width"))
+                                  for path, entry in model.config.reductions.items()},
+                        "params": model.num_parameters(),
                         "validation_accuracy": evaluate_accuracy(model, data["validation"]), **teacher_record,
                         **teacher_agreement(model, teacher, data["validation"], None),
                         "seconds": round(time.perf_counter() - start, 1)})
