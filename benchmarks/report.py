@@ -7,8 +7,9 @@ teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is No
      "rmtkd": {"accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio"},
      "baselines": {"<name>": {"accuracy", "params"}}}
 
-``results/speed_breakdown*.json`` and ``results/memory_probe.json``, when present, add their findings to the section.
-Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything from the result files.
+``results/speed_breakdown*.json``, ``results/memory_probe.json`` and ``results/vision_folds.json``, when present, add
+their findings to the section. Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything
+from the result files.
 """
 
 from __future__ import annotations
@@ -363,6 +364,24 @@ def _breakdown_lines(breakdown: dict) -> list[str]:
     return lines
 
 
+def _cross_validation_lines(folds: dict) -> list[str]:
+    """The vision settings compared over the folds of the training part (``results/vision_folds.json``)."""
+    seeds = sorted({n for entry in folds["settings"] for n in entry["seeds_per_fold"]})
+    lines = [f"Settings compared on validation by {folds['folds']}-fold cross-validation of the 4,000 training images "
+             f"(`benchmarks/vision_folds.py`: per fold, a teacher trained on the other folds, "
+             f"{folds['validation_examples_per_fold']} validation images, {'/'.join(map(str, seeds))} seed(s) per "
+             "setting and fold; the test split untouched). The difference is per fold, mean ± std over the folds:",
+             "", f"| setting | params | pooled validation accuracy | per fold | vs `{folds['reference']}` (pt) |",
+             "|---|---:|---:|---|---:|"]
+    for entry in folds["settings"]:
+        difference = entry.get("difference_from_reference")
+        versus = f"{difference['mean'] * 100:+.2f} ± {difference['std'] * 100:.2f}" if difference else "—"
+        per_fold = ", ".join(f"{accuracy:.2%}" for accuracy in entry["fold_accuracy"])
+        lines.append(f"| {entry['setting']} | {entry['params']:,.0f} | {entry['pooled_accuracy']:.2%} | {per_fold} "
+                     f"| {versus} |")
+    return lines + [""]
+
+
 def _blocks(eager: dict) -> str:
     """", the median of N blocks of R rounds (range a–b)" when the eager comparison was repeated, else ""."""
     speedups = eager.get("speedups") or []
@@ -373,7 +392,7 @@ def _blocks(eager: dict) -> str:
 
 
 def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
-             breakdowns: list[dict] | None = None, probe: dict | None = None) -> str:
+             breakdowns: list[dict] | None = None, probe: dict | None = None, folds: dict | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -421,6 +440,8 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         if name == "minilm_rt":
             for breakdown in breakdowns or []:
                 lines += _breakdown_lines(breakdown)
+        if name == "resnet_mnist" and folds:
+            lines += _cross_validation_lines(folds)
     if probe and probe.get("benchmarks"):
         lines += _probe_lines(probe)
     for name, rows in (partial or {}).items():
@@ -464,7 +485,9 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     breakdowns = [json.loads(path.read_text()) for path in sorted(results_dir.glob("speed_breakdown*.json"))]
     probe_file = results_dir / "memory_probe.json"
     probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
-    section = _section(results, partial, breakdowns, probe)
+    folds_file = results_dir / "vision_folds.json"
+    folds = json.loads(folds_file.read_text()) if folds_file.exists() else None
+    section = _section(results, partial, breakdowns, probe, folds)
     if readme is None:
         print(section)
     else:

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy
 import torch
 from baselines import (
     distil,
@@ -31,6 +32,7 @@ from baselines import (
 )
 from harness import RowBook, Rows, cached_teacher, environment, run_rmtkd, teacher_row
 from report import fold_seed_rows
+from sklearn.model_selection import StratifiedKFold
 from transformers import ResNetConfig, ResNetForImageClassification, TrainingArguments
 
 import hf_rmtkd
@@ -88,19 +90,45 @@ SPECTRUM_QUANTILE = 0.3
 # Chosen on validation with the teacher above (`vision_sweep.py --learning-rate`, 3 seeds each): 0.977 at 1e-3 and
 # 2e-3, 0.976 at 5e-4, 0.971 at 4e-3, 0.969 at 8e-3; 1e-3 follows the teacher closest (KL 0.040). Every row uses it.
 LEARNING_RATE = 1e-3
+FOLDS = 5  # cross-validation folds of the training part (`load_data`'s fold): 800 validation images each
 MAX_METRIC_DROP = 0.03  # per-round guard on 500 validation images (as in the text benchmark); the final phase recovers
 
 
-def load_data(budget: VisionBudget) -> dict:
-    """``train`` (3,500), ``validation`` (500, carved from train) and ``test`` (1,000) splits of MNIST-5k."""
+def load_data(budget: VisionBudget, fold: int | None = None) -> dict:
+    """``train`` (3,500), ``validation`` (500, carved from train) and ``test`` (1,000) splits of MNIST-5k.
+
+    With ``fold`` (0 to `FOLDS` - 1), the validation split is that stratified fold of the 4,000 training images (800)
+    and ``train`` the other 3,200: `vision_sweep.py --fold` compares settings on all 4,000 images, one per fold, where
+    one 500-image split cannot resolve the differences between them. The test split is the same either way.
+    """
     split = load_mnist5k().train_test_split(test_size=0.2, seed=0, stratify_by_column="labels")
+    if fold is not None:
+        return {**stratified_fold(split["train"], fold, FOLDS), "test": split["test"]}
     carve = split["train"].train_test_split(test_size=budget.validation_examples, seed=0, stratify_by_column="labels")
     return {"train": carve["train"], "validation": carve["test"], "test": split["test"]}
 
 
+def stratified_fold(dataset, fold: int, folds: int) -> dict:
+    """``validation``: the ``fold``-th of ``folds`` label-stratified folds of ``dataset`` (shuffled, seed 0);
+    ``train``: the others."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must lie in [0, {folds - 1}], got {fold}")
+    labels = dataset["labels"]
+    splits = StratifiedKFold(folds, shuffle=True, random_state=0).split(numpy.zeros(len(labels)), labels)
+    train, validation = list(splits)[fold]
+    return {"train": dataset.select(train), "validation": dataset.select(validation)}
+
+
+def fold_teacher_settings(fold: int) -> dict:
+    """`TEACHER_SETTINGS` for the teacher of cross-validation fold ``fold``: trained on the other folds, keeping the
+    epoch best on this one, as the benchmark's teacher keeps the epoch best on its validation split."""
+    return {**TEACHER_SETTINGS, "train_examples": 4000 - 4000 // FOLDS, "fold": fold, "folds": FOLDS}
+
+
 def teacher_cache(settings: dict = TEACHER_SETTINGS) -> Path:
-    """The folder caching the teacher trained with ``settings``: one per learning rate and epoch count."""
-    return HERE / ".cache" / f"resnet_mnist_teacher_lr{settings['learning_rate']:g}_ep{settings['epochs']}"
+    """The folder caching the teacher trained with ``settings``: one per learning rate, epoch count and fold."""
+    fold = f"_fold{settings['fold']}of{settings['folds']}" if "fold" in settings else ""
+    return HERE / ".cache" / f"resnet_mnist_teacher_lr{settings['learning_rate']:g}_ep{settings['epochs']}{fold}"
 
 
 def load_teacher(data: dict, settings: dict = TEACHER_SETTINGS) -> tuple[ResNetForImageClassification, str]:

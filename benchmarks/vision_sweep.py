@@ -7,11 +7,13 @@ KL(teacher ‖ model)), its parameter count and why the run stopped. The test sp
 
 Run: ``python benchmarks/vision_sweep.py [--sites-per-round N] [--steps N] [--final-steps N] [--max-metric-drop D]
 [--learning-rate LR] [--quantile TAU] [--target-search quantile] [--alpha A] [--hidden-weight B] [--seed 0]
-[--threads 1]``, each default the benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train another
-teacher (cached beside the benchmark's) and ``--teacher-only`` records just its validation accuracy;
+[--threads 1] [--fold K]``, each default the benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train
+another teacher (cached beside the benchmark's) and ``--teacher-only`` records just its validation accuracy;
 ``--pca-energy-params N`` runs the PCA-energy baseline at that size instead, and ``--cost-split TAU`` a one-shot
 cut whose outliers (counted at τ) are shared out by their cost (`cost_split_ranks`), both distilled for
-``--kd-steps``. Each run appends one line to ``benchmarks/results/vision_sweep.jsonl``.
+``--kd-steps``. ``--fold K`` validates on the K-th of 5 folds of the training part (800 images) with a teacher
+trained on the other 3,200 (`vision.load_data`); `vision_folds.py` pools the folds. Each run appends one line to
+``benchmarks/results/vision_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def main() -> None:
                         "benchmark's target, one-shot cut, distilled for --kd-steps steps")
     parser.add_argument("--kd-steps", type=int, default=700,
                         help="with --pca-energy-params or --cost-split: distillation steps")
+    parser.add_argument("--fold", type=int, default=None,
+                        help=f"validate on this of {vision.FOLDS} folds of the 4,000 training images (800), with a "
+                        "teacher trained on the others (cached per fold), instead of the benchmark's 500 images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args()
@@ -98,12 +103,13 @@ def main() -> None:
 
     budget = replace(vision.FULL, sites_per_round=options.sites_per_round, steps_per_round=options.steps,
                      final_steps=options.final_steps)
-    data = vision.load_data(budget)
-    settings = {**vision.TEACHER_SETTINGS, "learning_rate": options.teacher_learning_rate,
-                "epochs": options.teacher_epochs}
+    data = vision.load_data(budget, fold=options.fold)
+    base = vision.TEACHER_SETTINGS if options.fold is None else vision.fold_teacher_settings(options.fold)
+    settings = {**base, "learning_rate": options.teacher_learning_rate, "epochs": options.teacher_epochs}
     teacher, _ = vision.load_teacher(data, settings)
     teacher.eval()
-    teacher_record = {"teacher_only": options.teacher_only, "teacher_learning_rate": options.teacher_learning_rate,
+    teacher_record = {"fold": options.fold, "validation_examples": len(data["validation"]),
+                      "teacher_only": options.teacher_only, "teacher_learning_rate": options.teacher_learning_rate,
                       "teacher_epochs": options.teacher_epochs,
                       "teacher_validation_accuracy": evaluate_accuracy(teacher, data["validation"])}
     if options.teacher_only:

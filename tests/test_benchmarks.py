@@ -618,3 +618,72 @@ def test_partial_cut_trainer_makes_only_its_part_of_the_planned_cuts(tmp_path, k
         assert kinds == ["embedding"]
     else:
         assert kinds and "embedding" not in kinds
+
+
+def test_stratified_folds_partition_the_training_part_with_every_label_in_each():
+    import vision
+
+    data = Dataset.from_dict({"id": list(range(100)), "labels": [i % 5 for i in range(100)]})
+    folds = [vision.stratified_fold(data, fold, 5) for fold in range(5)]
+    held_out = [sorted(split["validation"]["id"]) for split in folds]
+    assert sorted(i for ids in held_out for i in ids) == list(range(100))  # every example held out exactly once
+    for split, ids in zip(folds, held_out, strict=True):
+        assert not set(split["train"]["id"]) & set(ids)
+        assert sorted(split["validation"]["labels"]) == sorted(list(range(5)) * 4)  # 4 of each label
+    with pytest.raises(ValueError, match="fold must lie in"):
+        vision.stratified_fold(data, 5, 5)
+
+
+def _fold_record(fold, accuracy, seed=0, **setting):
+    return {"fold": fold, "seed": seed, "validation_examples": 800, "validation_accuracy": accuracy,
+            "params": 111000, "teacher_only": False, **setting}
+
+
+def _fold_records() -> list[dict]:
+    """Sweep records of three settings: the reference on every fold, PCA energy with two seeds a fold, τ 0.2 on four
+    of the five folds; plus a teacher-only record."""
+    import vision
+
+    reference = {"quantile": vision.SPECTRUM_QUANTILE, "target_search": None,
+                 "sites_per_round": vision.FULL.sites_per_round, "steps": vision.FULL.steps_per_round,
+                 "final_steps": vision.FULL.final_steps, "max_metric_drop": vision.MAX_METRIC_DROP,
+                 "learning_rate": vision.LEARNING_RATE}
+    records = [_fold_record(fold, 0.97, **reference) for fold in range(5)]
+    records += [_fold_record(fold, 0.98 if seed else 0.96, seed=seed, row="pca_energy", kd_steps=700)
+                for fold in range(5) for seed in (0, 1)]  # two seeds a fold, 0.96 and 0.98: a mean of 0.97
+    records += [_fold_record(fold, 0.99, **{**reference, "quantile": 0.2}) for fold in range(4)]  # a fold missing
+    records += [{"fold": 0, "teacher_only": True, "teacher_validation_accuracy": 0.98}]
+    records[5]["validation_accuracy"] = 1.0  # pca, fold 0, seed 0: its fold's mean becomes 0.99
+    return records
+
+
+def test_vision_folds_pool_each_setting_over_every_fold_against_the_reference():
+    import vision_folds
+
+    records = _fold_records()
+    table = {entry["setting"]: entry for entry in vision_folds.pool(records)}
+    assert set(table) == {"rmtkd", "pca_energy"}  # τ 0.2 lacks fold 4
+    pca = table["pca_energy"]
+    assert pca["seeds_per_fold"] == [2] * 5
+    assert pca["fold_accuracy"] == pytest.approx([0.99, 0.97, 0.97, 0.97, 0.97])
+    assert pca["pooled_accuracy"] == pytest.approx(0.974)
+    assert pca["difference_from_reference"]["mean"] == pytest.approx(0.004)
+    assert pca["difference_from_reference"]["per_fold"] == pytest.approx([0.02, 0, 0, 0, 0])
+    assert table["rmtkd"]["difference_from_reference"]["mean"] == 0
+    assert [entry["setting"] for entry in vision_folds.pool(records)] == ["pca_energy", "rmtkd"]
+
+
+def test_cross_validation_is_reported_under_the_vision_benchmark(tmp_path):
+    import vision_folds
+
+    (tmp_path / "resnet_mnist.json").write_text(json.dumps(_synthetic_result()))
+    folds = {"folds": 5, "validation_examples_per_fold": 800, "reference": "rmtkd",
+             "settings": vision_folds.pool(_fold_records())}
+    (tmp_path / "vision_folds.json").write_text(json.dumps(folds))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.regenerate(tmp_path, readme)
+    section = readme.read_text().split("### `resnet_mnist`")[1]
+    assert "5-fold cross-validation" in section and "1/2 seed(s) per setting and fold" in section
+    assert "| pca_energy | 111,000 | 97.40% | 99.00%, 97.00%, 97.00%, 97.00%, 97.00% | +0.40 ± 0.89 |" in section
+    assert "| rmtkd | 111,000 | 97.00% |" in section and "rmtkd (quantile 0.2)" not in section
