@@ -28,11 +28,15 @@ from pathlib import Path
 import vision
 from vision_sweep import RESULTS as SWEEP
 
+from hf_rmtkd import RMTKDTrainingArguments
+
 OUTPUT = Path(__file__).resolve().parent / "results" / "vision_folds.json"
 # What tells one setting from another in a sweep record; the rest (seed, fold, scores, sizes, times) is per run.
-SETTING_KEYS = ("row", "quantile", "target_search", "sites_per_round", "steps", "final_steps", "max_metric_drop",
-                "learning_rate", "alpha", "hidden_weight", "kd_steps", "teacher_learning_rate", "teacher_epochs")
-REFERENCE = {"row": "rmtkd", "quantile": vision.SPECTRUM_QUANTILE, "target_search": None,
+SETTING_KEYS = ("row", "quantile", "estimator", "target_search", "sites_per_round", "steps", "final_steps",
+                "max_metric_drop", "learning_rate", "alpha", "hidden_weight", "kd_steps", "teacher_learning_rate",
+                "teacher_epochs")
+REFERENCE = {"row": "rmtkd", "quantile": vision.SPECTRUM_QUANTILE, "estimator": vision.SPECTRUM_ESTIMATOR,
+             "target_search": RMTKDTrainingArguments.__dataclass_fields__["target_search"].default,
              "sites_per_round": vision.FULL.sites_per_round, "steps": vision.FULL.steps_per_round,
              "final_steps": vision.FULL.final_steps, "max_metric_drop": vision.MAX_METRIC_DROP,
              "learning_rate": vision.LEARNING_RATE}
@@ -42,6 +46,8 @@ def setting_of(record: dict) -> dict:
     """The settings a sweep record was made with (an RMT-KD run is the row ``rmtkd``)."""
     setting = {key: record[key] for key in SETTING_KEYS if key in record}
     setting.setdefault("row", "rmtkd")
+    if setting["row"] != "pca_energy":  # runs from before ``--estimator`` counted outliers with the library's default
+        setting.setdefault("estimator", "mp_fit")
     return setting
 
 

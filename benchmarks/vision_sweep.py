@@ -6,14 +6,14 @@ model scores on the 500 validation images, how closely it follows the teacher th
 KL(teacher ‖ model)), its parameter count and why the run stopped. The test split is never touched.
 
 Run: ``python benchmarks/vision_sweep.py [--sites-per-round N] [--steps N] [--final-steps N] [--max-metric-drop D]
-[--learning-rate LR] [--quantile TAU] [--target-search quantile] [--alpha A] [--hidden-weight B] [--seed 0]
-[--threads 1] [--fold K]``, each default the benchmark's; ``--teacher-learning-rate`` / ``--teacher-epochs`` train
-another teacher (cached beside the benchmark's) and ``--teacher-only`` records just its validation accuracy;
-``--pca-energy-params N`` runs the PCA-energy baseline at that size instead, and ``--cost-split TAU`` a one-shot
-cut whose outliers (counted at τ) are shared out by their cost (`cost_split_ranks`), both distilled for
-``--kd-steps``. ``--fold K`` validates on the K-th of 5 folds of the training part (800 images) with a teacher
-trained on the other 3,200 (`vision.load_data`); `vision_folds.py` pools the folds. Each run appends one line to
-``benchmarks/results/vision_sweep.jsonl``.
+[--learning-rate LR] [--quantile TAU] [--estimator E] [--target-search quantile] [--alpha A] [--hidden-weight B]
+[--seed 0] [--threads 1] [--fold K]``, each default the benchmark's; ``--teacher-learning-rate`` /
+``--teacher-epochs`` train another teacher (cached beside the benchmark's) and ``--teacher-only`` records just its
+validation accuracy; ``--pca-energy-params N`` runs the PCA-energy baseline at that size instead, and
+``--cost-split TAU`` a one-shot cut whose outliers (counted at τ) are shared out by their cost (`cost_split_ranks`),
+both distilled for ``--kd-steps``. ``--fold K`` validates on the K-th of 5 folds of the training part (800 images)
+with a teacher trained on the other 3,200 (`vision.load_data`); `vision_folds.py` pools the folds. Each run appends
+one line to ``benchmarks/results/vision_sweep.jsonl``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from harness import evaluate_accuracy, run_rmtkd
 
 from hf_rmtkd.calibration import recount
 from hf_rmtkd.plan import plan_reductions
-from hf_rmtkd.spectrum import signal_variances
+from hf_rmtkd.spectrum import ESTIMATORS, signal_variances
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_sweep.jsonl"
 
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--max-metric-drop", type=float, default=vision.MAX_METRIC_DROP)
     parser.add_argument("--learning-rate", type=float, default=vision.LEARNING_RATE)
     parser.add_argument("--quantile", type=float, default=vision.SPECTRUM_QUANTILE, help="spectrum_quantile τ")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default=vision.SPECTRUM_ESTIMATOR,
+                        help="spectrum_estimator, the noise-variance estimator")
     parser.add_argument("--target-search", choices=["quantile"], default=None,
                         help="reach the parameter target by raising τ at every site (default: the library's "
                         "signal fraction)")
@@ -144,7 +146,7 @@ def main() -> None:
                   **teacher_record, **teacher_agreement(model, teacher, data["validation"], None),
                   "seconds": round(time.perf_counter() - start, 1)}
         return _record(record)
-    args = vision._rmtkd_args(budget, options.seed, quantile=options.quantile)
+    args = vision._rmtkd_args(budget, options.seed, quantile=options.quantile, estimator=options.estimator)
     args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
     if options.target_search is not None:
         args.target_search = options.target_search
@@ -157,7 +159,8 @@ def main() -> None:
                             calibration=calibration)
     record = {"sites_per_round": options.sites_per_round, "steps": options.steps,
               "final_steps": options.final_steps, "max_metric_drop": options.max_metric_drop, "seed": options.seed,
-              "learning_rate": args.learning_rate, "quantile": options.quantile, "target_search": args.target_search,
+              "learning_rate": args.learning_rate, "quantile": options.quantile, "estimator": options.estimator,
+              "target_search": args.target_search,
               "alpha": args.distillation_alpha,
               "hidden_weight": args.distillation_hidden_weight,
               "threads": options.threads, "params": model.num_parameters(),

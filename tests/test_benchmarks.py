@@ -644,7 +644,7 @@ def _fold_records() -> list[dict]:
     of the five folds; plus a teacher-only record."""
     import vision
 
-    reference = {"quantile": vision.SPECTRUM_QUANTILE, "target_search": None,
+    reference = {"quantile": vision.SPECTRUM_QUANTILE, "target_search": "signal_fraction",
                  "sites_per_round": vision.FULL.sites_per_round, "steps": vision.FULL.steps_per_round,
                  "final_steps": vision.FULL.final_steps, "max_metric_drop": vision.MAX_METRIC_DROP,
                  "learning_rate": vision.LEARNING_RATE}
