@@ -63,12 +63,15 @@ def pool(records: list[dict]) -> list[dict]:
     """Per setting with a run on every fold: each fold's accuracy (mean over seeds), the pooled accuracy, and the
     per-fold difference from the reference setting. Settings first by pooled accuracy."""
     runs = defaultdict(lambda: defaultdict(list))  # label -> fold -> [(accuracy, examples, params)]
-    settings = {}
+    settings, seen = {}, set()
     for record in records:
         if record.get("fold") is None or record.get("teacher_only"):
             continue
         setting = setting_of(record)
         name = label(setting)
+        if (name, record["fold"], record["seed"]) in seen:  # a run repeated with the same seed counts once
+            continue
+        seen.add((name, record["fold"], record["seed"]))
         settings[name] = setting
         runs[name][record["fold"]].append((record["validation_accuracy"], record["validation_examples"],
                                            record["params"]))

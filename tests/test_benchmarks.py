@@ -640,8 +640,8 @@ def _fold_record(fold, accuracy, seed=0, **setting):
 
 
 def _fold_records() -> list[dict]:
-    """Sweep records of three settings: the reference on every fold, PCA energy with two seeds a fold, τ 0.2 on four
-    of the five folds; plus a teacher-only record."""
+    """Sweep records of three settings: the reference on every fold (and one run repeated), PCA energy with two seeds
+    a fold, τ 0.2 on four of the five folds; plus a teacher-only record."""
     import vision
 
     reference = {"quantile": vision.SPECTRUM_QUANTILE, "target_search": "signal_fraction",
@@ -653,6 +653,7 @@ def _fold_records() -> list[dict]:
                 for fold in range(5) for seed in (0, 1)]  # two seeds a fold, 0.96 and 0.98: a mean of 0.97
     records += [_fold_record(fold, 0.99, **{**reference, "quantile": 0.2}) for fold in range(4)]  # a fold missing
     records += [{"fold": 0, "teacher_only": True, "teacher_validation_accuracy": 0.98}]
+    records += [_fold_record(0, 0.5, **reference)]  # the reference's fold 0, seed 0 again: the first run counts
     records[5]["validation_accuracy"] = 1.0  # pca, fold 0, seed 0: its fold's mean becomes 0.99
     return records
 
@@ -670,6 +671,7 @@ def test_vision_folds_pool_each_setting_over_every_fold_against_the_reference():
     assert pca["difference_from_reference"]["mean"] == pytest.approx(0.004)
     assert pca["difference_from_reference"]["per_fold"] == pytest.approx([0.02, 0, 0, 0, 0])
     assert table["rmtkd"]["difference_from_reference"]["mean"] == 0
+    assert table["rmtkd"]["seeds_per_fold"] == [1] * 5 and table["rmtkd"]["pooled_accuracy"] == pytest.approx(0.97)
     assert [entry["setting"] for entry in vision_folds.pool(records)] == ["pca_energy", "rmtkd"]
 
 
