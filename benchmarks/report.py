@@ -367,10 +367,14 @@ def _breakdown_lines(breakdown: dict) -> list[str]:
 def _cross_validation_lines(folds: dict) -> list[str]:
     """The vision settings compared over the folds of the training part (``results/vision_folds.json``)."""
     seeds = sorted({n for entry in folds["settings"] for n in entry["seeds_per_fold"]})
+    reference = folds.get("reference_settings", {})
     lines = [f"Settings compared on validation by {folds['folds']}-fold cross-validation of the 4,000 training images "
              f"(`benchmarks/vision_folds.py`: per fold, a teacher trained on the other folds, "
              f"{folds['validation_examples_per_fold']} validation images, {'/'.join(map(str, seeds))} seed(s) per "
-             "setting and fold; the test split untouched). The difference is per fold, mean ± std over the folds:",
+             "setting and fold; the test split untouched). "
+             f"`{folds['reference']}` is the benchmark's RMT-KD setting (τ {reference.get('quantile')}, "
+             f"{reference.get('estimator')} estimator); the others name what they change. The difference is per fold, "
+             "mean ± std over the folds:",
              "", f"| setting | params | pooled validation accuracy | per fold | vs `{folds['reference']}` (pt) |",
              "|---|---:|---:|---|---:|"]
     for entry in folds["settings"]:

@@ -101,7 +101,8 @@ def main() -> None:
     records = [json.loads(line) for line in SWEEP.read_text().splitlines() if line.strip()]
     table = pool(records)
     OUTPUT.write_text(json.dumps({"folds": vision.FOLDS, "validation_examples_per_fold": 800,
-                                  "reference": label(REFERENCE), "settings": table}, indent=1) + "\n")
+                                  "reference": label(REFERENCE), "reference_settings": REFERENCE, "settings": table},
+                                 indent=1) + "\n")
     for entry in table:
         folds = " ".join(f"{a:.4f}" for a in entry["fold_accuracy"])
         difference = entry.get("difference_from_reference")
