@@ -680,12 +680,13 @@ def test_cross_validation_is_reported_under_the_vision_benchmark(tmp_path):
 
     (tmp_path / "resnet_mnist.json").write_text(json.dumps(_synthetic_result()))
     folds = {"folds": 5, "validation_examples_per_fold": 800, "reference": "rmtkd",
-             "settings": vision_folds.pool(_fold_records())}
+             "reference_settings": vision_folds.REFERENCE, "settings": vision_folds.pool(_fold_records())}
     (tmp_path / "vision_folds.json").write_text(json.dumps(folds))
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n")
     report.regenerate(tmp_path, readme)
     section = readme.read_text().split("### `resnet_mnist`")[1]
     assert "5-fold cross-validation" in section and "1/2 seed(s) per setting and fold" in section
+    assert f"`rmtkd` is the benchmark's RMT-KD setting (τ {vision_folds.vision.SPECTRUM_QUANTILE}, mp_fit" in section
     assert "| pca_energy | 111,000 | 97.40% | 99.00%, 97.00%, 97.00%, 97.00%, 97.00% | +0.40 ± 0.89 |" in section
     assert "| rmtkd | 111,000 | 97.00% |" in section and "rmtkd (quantile 0.2)" not in section
