@@ -28,7 +28,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .architectures import Site, find_sites
-from .spectrum import CovarianceAccumulator, OutlierCount, count_outliers
+from .spectrum import EFFECTIVE_SAMPLES, CovarianceAccumulator, OutlierCount, count_outliers
 
 __all__ = [
     "CalibrationStatistics", "SiteMeasurement", "calibrate", "collect_statistics", "iterate_batches", "measure_sites",
@@ -36,8 +36,6 @@ __all__ = [
 ]
 
 logger = logging.get_logger(__name__)
-
-EFFECTIVE_SAMPLES = ("tokens", "sequences")
 
 
 @dataclass

@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
-from .spectrum import CovarianceAccumulator, OutlierCount, count_outliers
+from .spectrum import EFFECTIVE_SAMPLES, CovarianceAccumulator, OutlierCount, count_outliers
 from .utils import write_text_atomic
 
 __all__ = ["SiteSpectrum", "SpectralReport"]
 
 REPORT_FORMAT = "hf_rmtkd.spectral_report"
 REPORT_VERSION = 1
-EFFECTIVE_SAMPLES = ("tokens", "sequences")
 
 
 @dataclass

@@ -42,6 +42,8 @@ __all__ = [
 
 ESTIMATORS = ("mp_fit", "mp_quantile")
 EDGES = ("tracy_widom", "bare")
+# What one sample of the MP law's n is: a token (an image position) or a whole sequence (image).
+EFFECTIVE_SAMPLES = ("tokens", "sequences")
 
 # Quantiles of the Tracy–Widom law for real (β = 1) matrices (Bejan 2005, Table 2).
 TRACY_WIDOM_1_QUANTILES = {0.90: 0.4501, 0.95: 0.9793, 0.975: 1.4538, 0.99: 2.0234}

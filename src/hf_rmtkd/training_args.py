@@ -36,14 +36,13 @@ from transformers import TrainingArguments
 
 from .plan import DEFAULT_KINDS, KINDS
 from .reductions.ffn_width import METHODS as FFN_WIDTH_METHODS
-from .spectrum import EDGES, ESTIMATORS
+from .spectrum import EDGES, EFFECTIVE_SAMPLES, ESTIMATORS
 
 EMBEDDING_VOCABULARIES = ("all", "train")
 COPY_TOKENS = ("mask", "neighbours")
 
 __all__ = ["RMTKDTrainingArguments"]
 
-EFFECTIVE_SAMPLES = ("tokens", "sequences")
 TARGET_SEARCHES = ("signal_fraction", "quantile", "none")
 
 
