@@ -122,7 +122,8 @@ class RMTKDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Noise-variance (sigma^2) estimator: 'mp_fit' (the paper's rule: start at the spectrum_quantile "
             "of the eigenvalues, refine by a least-squares fit of the MP density to their histogram) or "
-            "'mp_quantile' (the spectrum_quantile eigenvalue divided by the same MP quantile).",
+            "'mp_quantile' (the spectrum_quantile eigenvalue divided by the same MP quantile; steadier on narrow "
+            "layers of a few dozen channels, where the histogram holds few eigenvalues).",
             "choices": list(ESTIMATORS),
         },
     )
