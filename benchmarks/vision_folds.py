@@ -29,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import vision
+from vision_sweep import KD_STEPS
 from vision_sweep import RESULTS as SWEEP
 
 from hf_rmtkd import RMTKDTrainingArguments
@@ -38,11 +39,17 @@ OUTPUT = Path(__file__).resolve().parent / "results" / "vision_folds.json"
 SETTING_KEYS = ("row", "quantile", "estimator", "target_search", "sites_per_round", "steps", "final_steps",
                 "max_metric_drop", "learning_rate", "alpha", "hidden_weight", "kd_steps", "teacher_learning_rate",
                 "teacher_epochs")
+_LIBRARY = RMTKDTrainingArguments.__dataclass_fields__
 REFERENCE = {"row": "rmtkd", "quantile": vision.SPECTRUM_QUANTILE, "estimator": vision.SPECTRUM_ESTIMATOR,
-             "target_search": RMTKDTrainingArguments.__dataclass_fields__["target_search"].default,
+             "target_search": _LIBRARY["target_search"].default,
              "sites_per_round": vision.FULL.sites_per_round, "steps": vision.FULL.steps_per_round,
              "final_steps": vision.FULL.final_steps, "max_metric_drop": vision.MAX_METRIC_DROP,
              "learning_rate": vision.LEARNING_RATE}
+# The sweep's defaults for the rest of the setting keys: a run that changed one shows it in its label.
+SHARED = {"alpha": _LIBRARY["distillation_alpha"].default,
+          "hidden_weight": _LIBRARY["distillation_hidden_weight"].default, "kd_steps": KD_STEPS,
+          "teacher_learning_rate": vision.TEACHER_SETTINGS["learning_rate"],
+          "teacher_epochs": vision.TEACHER_SETTINGS["epochs"]}
 
 
 def setting_of(record: dict) -> dict:
@@ -55,11 +62,11 @@ def setting_of(record: dict) -> dict:
 
 
 def label(setting: dict) -> str:
-    """A short name for a setting: its row and every value that differs from the reference's."""
-    differs = [f"{key} {value}" for key, value in setting.items()
-               if key != "row" and key in REFERENCE and value != REFERENCE[key]]
-    extra = {"cost_split": f"tau {setting.get('quantile')}", "pca_energy": ""}.get(setting["row"], ", ".join(differs))
-    return f"{setting['row']} ({extra})" if extra else setting["row"]
+    """A name for a setting, one per setting: its row and every value that differs from the reference's (or from the
+    sweep's default, for the keys the reference leaves out)."""
+    baseline = {**SHARED, **REFERENCE}
+    differs = ", ".join(f"{key} {value}" for key, value in setting.items() if key != "row" and value != baseline[key])
+    return f"{setting['row']} ({differs})" if differs else setting["row"]
 
 
 def pool(records: list[dict]) -> list[dict]:
@@ -82,8 +89,7 @@ def pool(records: list[dict]) -> list[dict]:
     complete = {name: by_fold for name, by_fold in runs.items() if all(by_fold[fold] for fold in folds)}
     fold_accuracy = {name: [statistics.fmean(run[0] for run in by_fold[fold]) for fold in folds]
                      for name, by_fold in complete.items()}
-    reference = next((name for name, setting in settings.items()
-                      if name in complete and all(setting.get(k) == v for k, v in REFERENCE.items())), None)
+    reference = label(REFERENCE) if label(REFERENCE) in complete else None
     table = []
     for name, accuracies in fold_accuracy.items():
         examples = [complete[name][fold][0][1] for fold in folds]

@@ -35,6 +35,7 @@ from hf_rmtkd.plan import plan_reductions
 from hf_rmtkd.spectrum import ESTIMATORS, signal_variances
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_sweep.jsonl"
+KD_STEPS = 700  # the one-shot rows' distillation (--kd-steps): as many steps as the benchmark's RMT-KD run takes
 
 
 def _record(record: dict) -> None:
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--cost-split", type=float, default=None, metavar="TAU",
                         help="instead of RMT-KD: outliers counted at TAU, shared out by `cost_split_ranks` to the "
                         "benchmark's target, one-shot cut, distilled for --kd-steps steps")
-    parser.add_argument("--kd-steps", type=int, default=700,
+    parser.add_argument("--kd-steps", type=int, default=KD_STEPS,
                         help="with --pca-energy-params or --cost-split: distillation steps")
     parser.add_argument("--fold", type=int, default=None,
                         help=f"validate on this of {vision.FOLDS} folds of the 4,000 training images (800), with a "

@@ -640,18 +640,19 @@ def _fold_record(fold, accuracy, seed=0, **setting):
 
 
 def _fold_records() -> list[dict]:
-    """Sweep records of three settings: the reference on every fold (and one run repeated), PCA energy with two seeds
-    a fold, τ 0.2 on four of the five folds; plus a teacher-only record."""
+    """Sweep records of four settings: the reference on every fold (and one run repeated), PCA energy with two seeds
+    a fold, another τ on four of the five folds, another distillation α on every fold; plus a teacher-only record."""
     import vision
 
     reference = {"quantile": vision.SPECTRUM_QUANTILE, "target_search": "signal_fraction",
                  "sites_per_round": vision.FULL.sites_per_round, "steps": vision.FULL.steps_per_round,
                  "final_steps": vision.FULL.final_steps, "max_metric_drop": vision.MAX_METRIC_DROP,
-                 "learning_rate": vision.LEARNING_RATE}
+                 "learning_rate": vision.LEARNING_RATE, "alpha": 0.7}
     records = [_fold_record(fold, 0.97, **reference) for fold in range(5)]
     records += [_fold_record(fold, 0.98 if seed else 0.96, seed=seed, row="pca_energy", kd_steps=700)
                 for fold in range(5) for seed in (0, 1)]  # two seeds a fold, 0.96 and 0.98: a mean of 0.97
-    records += [_fold_record(fold, 0.99, **{**reference, "quantile": 0.2}) for fold in range(4)]  # a fold missing
+    records += [_fold_record(fold, 0.99, **{**reference, "quantile": 0.45}) for fold in range(4)]  # a fold missing
+    records += [_fold_record(fold, 0.95, **{**reference, "alpha": 0.5}) for fold in range(5)]
     records += [{"fold": 0, "teacher_only": True, "teacher_validation_accuracy": 0.98}]
     records += [_fold_record(0, 0.5, **reference)]  # the reference's fold 0, seed 0 again: the first run counts
     records[5]["validation_accuracy"] = 1.0  # pca, fold 0, seed 0: its fold's mean becomes 0.99
@@ -663,7 +664,7 @@ def test_vision_folds_pool_each_setting_over_every_fold_against_the_reference():
 
     records = _fold_records()
     table = {entry["setting"]: entry for entry in vision_folds.pool(records)}
-    assert set(table) == {"rmtkd", "pca_energy"}  # τ 0.2 lacks fold 4
+    assert set(table) == {"rmtkd", "pca_energy", "rmtkd (alpha 0.5)"}  # τ 0.45 lacks fold 4
     pca = table["pca_energy"]
     assert pca["seeds_per_fold"] == [2] * 5
     assert pca["fold_accuracy"] == pytest.approx([0.99, 0.97, 0.97, 0.97, 0.97])
@@ -672,7 +673,8 @@ def test_vision_folds_pool_each_setting_over_every_fold_against_the_reference():
     assert pca["difference_from_reference"]["per_fold"] == pytest.approx([0.02, 0, 0, 0, 0])
     assert table["rmtkd"]["difference_from_reference"]["mean"] == 0
     assert table["rmtkd"]["seeds_per_fold"] == [1] * 5 and table["rmtkd"]["pooled_accuracy"] == pytest.approx(0.97)
-    assert [entry["setting"] for entry in vision_folds.pool(records)] == ["pca_energy", "rmtkd"]
+    assert table["rmtkd (alpha 0.5)"]["difference_from_reference"]["mean"] == pytest.approx(-0.02)
+    assert [entry["setting"] for entry in vision_folds.pool(records)] == ["pca_energy", "rmtkd", "rmtkd (alpha 0.5)"]
 
 
 def test_cross_validation_is_reported_under_the_vision_benchmark(tmp_path):
@@ -689,4 +691,4 @@ def test_cross_validation_is_reported_under_the_vision_benchmark(tmp_path):
     assert "5-fold cross-validation" in section and "1/2 seed(s) per setting and fold" in section
     assert f"`rmtkd` is the benchmark's RMT-KD setting (τ {vision_folds.vision.SPECTRUM_QUANTILE}, mp_fit" in section
     assert "| pca_energy | 111,000 | 97.40% | 99.00%, 97.00%, 97.00%, 97.00%, 97.00% | +0.40 ± 0.89 |" in section
-    assert "| rmtkd | 111,000 | 97.00% |" in section and "rmtkd (quantile 0.2)" not in section
+    assert "| rmtkd | 111,000 | 97.00% |" in section and "rmtkd (quantile 0.45)" not in section
