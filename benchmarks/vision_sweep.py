@@ -118,35 +118,27 @@ def main() -> None:
     if options.teacher_only:
         return _record(teacher_record)
     calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
-    if options.cost_split is not None:
+    if options.cost_split is not None or options.pca_energy_params is not None:  # a one-shot cut, then KD
         start = time.perf_counter()
-        target = round(vision.TARGET_PARAMS * teacher.num_parameters())
-        measurements = recount(vision.site_measurements(teacher, calibration.remove_columns("labels")),
-                               quantile=options.cost_split)
-        model = cut_at_ranks(teacher, cost_split_ranks(teacher, measurements, target), kinds=vision.KINDS,
-                             min_rank=vision.MIN_RANK)
+        measurements = vision.site_measurements(teacher, calibration.remove_columns("labels"))
+        if options.cost_split is not None:
+            target = round(vision.TARGET_PARAMS * teacher.num_parameters())
+            ranked = cost_split_ranks(teacher, recount(measurements, quantile=options.cost_split), target)
+            model = cut_at_ranks(teacher, ranked, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
+            row = {"row": "cost_split", "quantile": options.cost_split,
+                   "ranks": {path: entry.get("rank", entry.get("width"))
+                             for path, entry in model.config.reductions.items()}}
+        else:
+            energy = vision.matched_energy(teacher, measurements, options.pca_energy_params)
+            model = pca_energy(teacher, measurements, energy, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
+            row = {"row": "pca_energy", "energy_threshold": energy}
         distil(model, teacher, data["train"], steps=options.kd_steps, args=vision._kd_args(options.seed))
-        return _record({"row": "cost_split", "quantile": options.cost_split, "kd_steps": options.kd_steps,
-                        "seed": options.seed, "learning_rate": vision.LEARNING_RATE, "threads": options.threads,
-                        "ranks": {path: entry.get("rank", entry.get("width"))
-                                  for path, entry in model.config.reductions.items()},
+        return _record({**row, "kd_steps": options.kd_steps, "seed": options.seed,
+                        "learning_rate": vision.LEARNING_RATE, "threads": options.threads,
                         "params": model.num_parameters(),
                         "validation_accuracy": evaluate_accuracy(model, data["validation"]), **teacher_record,
                         **teacher_agreement(model, teacher, data["validation"], None),
                         "seconds": round(time.perf_counter() - start, 1)})
-    if options.pca_energy_params is not None:
-        start = time.perf_counter()
-        measurements = vision.site_measurements(teacher, calibration.remove_columns("labels"))
-        energy = vision.matched_energy(teacher, measurements, options.pca_energy_params)
-        model = pca_energy(teacher, measurements, energy, kinds=vision.KINDS, min_rank=vision.MIN_RANK)
-        distil(model, teacher, data["train"], steps=options.kd_steps, args=vision._kd_args(options.seed))
-        record = {"row": "pca_energy", "energy_threshold": energy, "kd_steps": options.kd_steps,
-                  "seed": options.seed, "learning_rate": vision.LEARNING_RATE, "threads": options.threads,
-                  "params": model.num_parameters(),
-                  "validation_accuracy": evaluate_accuracy(model, data["validation"]),
-                  **teacher_record, **teacher_agreement(model, teacher, data["validation"], None),
-                  "seconds": round(time.perf_counter() - start, 1)}
-        return _record(record)
     args = vision._rmtkd_args(budget, options.seed, quantile=options.quantile, estimator=options.estimator)
     args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
     if options.target_search is not None:
