@@ -7,9 +7,9 @@ teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is No
      "rmtkd": {"accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio"},
      "baselines": {"<name>": {"accuracy", "params"}}}
 
-``results/speed_breakdown*.json``, ``results/memory_probe.json`` and ``results/vision_folds.json``, when present, add
-their findings to the section. Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything
-from the result files.
+``results/speed_breakdown*.json``, ``results/memory_probe.json``, ``results/vision_folds.json`` and
+``results/fold_speed.json``, when present, add their findings to the section. Run ``python benchmarks/report.py`` (or
+``run.py --report-only``) to rebuild everything from the result files.
 """
 
 from __future__ import annotations
@@ -25,13 +25,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Benchmarks"
 RMTKD_KEYS = ("accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio")
-# The issue's targets, per benchmark: largest accuracy loss (points), smallest parameter cut, smallest b32 speed-up.
+# The issue's targets, per benchmark: largest accuracy loss (points), smallest parameter cut, smallest b32 speed-up,
+# and whether the issue asks this benchmark's RMT-KD row to be at least as accurate as every baseline (it does for
+# MiniLM-L6 only; the comparison is still checked, and labelled so, where it does not).
 TARGETS = {
-    "minilm_rt": {"max_loss_points": 1.0, "min_param_cut": 0.80, "min_throughput_ratio_b32": 2.8},
-    "resnet_mnist": {"max_loss_points": 0.5, "min_param_cut": 0.50, "min_throughput_ratio_b32": None},
+    "minilm_rt": {"max_loss_points": 1.0, "min_param_cut": 0.80, "min_throughput_ratio_b32": 2.8,
+                  "beats_baselines": True},
+    "resnet_mnist": {"max_loss_points": 0.5, "min_param_cut": 0.50, "min_throughput_ratio_b32": None,
+                     "beats_baselines": False},
     # Opt-in (`run.py --paper-scale`): the paper's BERT-base anchors, -80.9% at no loss and 2.8x, held to the text
     # benchmark's targets.
-    "paper_scale": {"max_loss_points": 1.0, "min_param_cut": 0.80, "min_throughput_ratio_b32": 2.8},
+    "paper_scale": {"max_loss_points": 1.0, "min_param_cut": 0.80, "min_throughput_ratio_b32": 2.8,
+                    "beats_baselines": True},
 }
 SPEED_SHARE_OF_FLOP_CEILING = 0.8
 MIN_TEACHER_MARGIN = 0.01  # a teacher within this of the majority-class accuracy has learned (next to) nothing
@@ -115,6 +120,12 @@ def _mean_accuracy(row: dict) -> float:
     return _seed_spread(row)[0]
 
 
+def _beaten_by(rivals: dict[str, dict], accuracy: float) -> list[str]:
+    """"<row> (by N points)" for each rival row more accurate (seed mean) than ``accuracy``."""
+    return [f"{name} (by {(_mean_accuracy(row) - accuracy) * 100:.2f} points)" for name, row in rivals.items()
+            if _mean_accuracy(row) > accuracy]
+
+
 def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[str, bool, str]]:
     """Each of the issue's targets for one benchmark: (target, met, the measured value).
 
@@ -146,8 +157,10 @@ def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[st
     # Rows distilled with a non-default loss ("loss") are compared only with each other, below.
     matched = {n: r for n, r in rows.items() if r.get("matched") and "loss" not in r}
     if matched:
-        beaten_by = [n for n, r in matched.items() if _mean_accuracy(r) > accuracy]
-        checks.append(("at least as accurate as every baseline at matched size", not beaten_by,
+        beaten_by = _beaten_by(matched, accuracy)
+        label = "at least as accurate as every baseline at matched size" + (
+            "" if goal["beats_baselines"] else " (the issue sets this for minilm_rt; checked here as well)")
+        checks.append((label, not beaten_by,
                        "beaten by " + ", ".join(beaten_by) if beaten_by else f"vs {', '.join(matched)}"))
     tuned = rows.get("rmtkd_tuned_loss")
     if tuned:
@@ -157,7 +170,7 @@ def targets(name: str, result: dict, probe: dict | None = None) -> list[tuple[st
                        tuned_loss <= goal["max_loss_points"], f"{tuned_loss:+.2f} points lost"))
         rivals = {n: r for n, r in rows.items() if r.get("matched") and r.get("loss") == tuned["loss"]}
         if rivals:
-            beaten_by = [n for n, r in rivals.items() if _mean_accuracy(r) > _mean_accuracy(tuned)]
+            beaten_by = _beaten_by(rivals, _mean_accuracy(tuned))
             checks.append(("(non-default loss) at least as accurate as every baseline with the same loss",
                            not beaten_by, "beaten by " + ", ".join(beaten_by) if beaten_by else
                            f"vs {', '.join(rivals)}"))
@@ -386,6 +399,26 @@ def _cross_validation_lines(folds: dict) -> list[str]:
     return lines + [""]
 
 
+def _vision_speed_lines(fold_speed: dict) -> list[str]:
+    """The vision models timed in their trained, deployed and channels-last forms (``results/fold_speed.json``)."""
+    lines = [f"Vision speed by form (`benchmarks/fold_speed.py --threads {fold_speed['threads']}`: batch "
+             f"{fold_speed['batch_size']}, the RMT-KD model rebuilt at the row's shapes, each pair alternating in one "
+             f"process, median of {fold_speed['runs']} rounds; *deployed* = BatchNorm folded, *channels-last* = "
+             "PyTorch's NHWC memory format):", ""]
+    for name, pair in fold_speed["pairs"].items():
+        share = (f", {pair['speedup'] / pair['flop_ratio']:.0%} of the FLOP ratio x{pair['flop_ratio']:.2f}"
+                 if pair["flop_ratio"] > 1.001 else "")
+        lines.append(f"- {name}: x{pair['speedup']:.2f} ({pair['first_ms']:.2f} → {pair['second_ms']:.2f} ms){share}")
+    if fold_speed.get("profile"):
+        lines += ["", "Where the time goes (self CPU time per forward pass, profiled):", ""]
+        for name, profile in fold_speed["profile"].items():
+            calls = profile["convolution_calls"]
+            lines.append(f"- {name}: {profile['total_ms']:.2f} ms; {calls} convolutions "
+                         f"{profile['convolution_ms']:.2f} ms ({profile['convolution_ms'] / calls:.3f} ms each on "
+                         f"average), max pooling {profile['max_pool_ms'] / profile['total_ms']:.0%}")
+    return lines + [""]
+
+
 def _blocks(eager: dict) -> str:
     """", the median of N blocks of R rounds (range a–b)" when the eager comparison was repeated, else ""."""
     speedups = eager.get("speedups") or []
@@ -396,7 +429,8 @@ def _blocks(eager: dict) -> str:
 
 
 def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
-             breakdowns: list[dict] | None = None, probe: dict | None = None, folds: dict | None = None) -> str:
+             breakdowns: list[dict] | None = None, probe: dict | None = None, folds: dict | None = None,
+             fold_speed: dict | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -444,6 +478,8 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         if name == "minilm_rt":
             for breakdown in breakdowns or []:
                 lines += _breakdown_lines(breakdown)
+        if name == "resnet_mnist" and fold_speed:
+            lines += _vision_speed_lines(fold_speed)
         if name == "resnet_mnist" and folds:
             lines += _cross_validation_lines(folds)
     if probe and probe.get("benchmarks"):
@@ -491,7 +527,9 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
     folds_file = results_dir / "vision_folds.json"
     folds = json.loads(folds_file.read_text()) if folds_file.exists() else None
-    section = _section(results, partial, breakdowns, probe, folds)
+    fold_speed_file = results_dir / "fold_speed.json"
+    fold_speed = json.loads(fold_speed_file.read_text()) if fold_speed_file.exists() else None
+    section = _section(results, partial, breakdowns, probe, folds, fold_speed)
     if readme is None:
         print(section)
     else:
