@@ -9,8 +9,10 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -141,6 +143,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def matmul_gflops(rows: int = 2048, inner: int = 768, columns: int = 3072, runs: int = 10) -> float:
+    """This host's fp32 matrix-product speed at torch's current threads (GFLOP/s, median of ``runs``).
+
+    Hosts differ between sessions even where the CPU model is the same (the paper-scale teacher's batch-32 forward
+    pass took 1.17 s in one session and 2.05 s in another). The share of the FLOP ceiling a compressed model reaches
+    depends on how fast the matrix products run next to everything else, so every result records this speed, and
+    timings from different sessions can be told apart.
+    """
+    generator = torch.Generator().manual_seed(0)
+    left, right = torch.randn(rows, inner, generator=generator), torch.randn(inner, columns, generator=generator)
+    seconds = []
+    with torch.inference_mode():
+        for run in range(runs + 3):  # 3 warm-up products
+            started = time.perf_counter()
+            left @ right
+            if run >= 3:
+                seconds.append(time.perf_counter() - started)
+    return round(2 * rows * inner * columns / statistics.median(seconds) / 1e9, 1)
+
+
 def environment(seeds: list[int], script: str = "run.py") -> dict:
     """Command, package versions, CPU, threads and seeds: what a reader needs to reproduce or discount a number.
 
@@ -165,6 +187,7 @@ def environment(seeds: list[int], script: str = "run.py") -> dict:
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
+        "matmul_gflops_at_start": matmul_gflops(),
         "rapl": "available" if rapl_files() else "unavailable (no readable /sys/class/powercap/intel-rapl*)",
         "seeds": seeds,
     }

@@ -360,12 +360,20 @@ def _partial_section(name: str, rows: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def _host_speed(env: dict) -> str:
+    """", fp32 matrix products at N GFLOP/s (...)" where the environment record has it (`harness.matmul_gflops`)."""
+    if "matmul_gflops_at_start" not in env:
+        return ""
+    return (f", fp32 matrix products at {env['matmul_gflops_at_start']:.0f} GFLOP/s (`harness.matmul_gflops`: the "
+            "host's speed, which varies between runs)")
+
+
 def _breakdown_lines(breakdown: dict) -> list[str]:
     """Where the batch-32 time of teacher and RMT-KD model goes (from `speed_breakdown.py`), and the compiled ratio."""
     row, threads = breakdown.get("row", "rmtkd"), breakdown["environment"]["torch_threads"]
     lines = [f"Where the batch-32 time goes, row `{row}` at {threads} thread(s) (`benchmarks/speed_breakdown.py --row "
              f"{row} --threads {threads}`: self CPU time per forward pass, eager, by kind of operator; "
-             f"{breakdown['input']}):", ""]
+             f"{breakdown['input']}{_host_speed(breakdown['environment'])}):", ""]
     for model, times in breakdown["self_cpu_ms_per_forward_eager"].items():
         total = sum(times.values())
         shares = ", ".join(f"{kind} {ms / total:.0%}" for kind, ms in times.items() if ms / total >= 0.01)
@@ -455,7 +463,8 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
                if result.get("resumed_rows") else ")"),
             "",
             f"{result['data']['test_description']}; {env['cpu']}, torch threads: {env['torch_threads']}, "
-            f"load average {env['load_average_at_start'][0]:.1f} at start (a shared machine: timings are noisy); "
+            f"load average {env['load_average_at_start'][0]:.1f} at start (a shared machine: timings are noisy)"
+            + _host_speed(env) + "; "
             f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}. "
             f"Energy per inference: {'in the result file' if env['rapl'] == 'available' else 'unavailable (no RAPL)'}."
             " "

@@ -726,3 +726,18 @@ def test_vision_speed_by_form_is_reported_under_the_vision_benchmark(tmp_path):
     assert "- teacher, trained vs deployed: x1.15 (3.70 → 3.20 ms)\n" in section  # same FLOPs: no share
     assert ("- teacher, deployed in channels-last: 3.40 ms; 22 convolutions 2.60 ms (0.118 ms each on average), "
             "max pooling 4%") in section
+
+
+def test_results_record_the_hosts_matrix_product_speed_and_the_readme_states_it(tmp_path):
+    import harness
+
+    env = harness.environment([0])
+    assert env["matmul_gflops_at_start"] > 0
+    result = _synthetic_result()
+    result["environment"]["matmul_gflops_at_start"] = 181.4
+    (tmp_path / "minilm_rt.json").write_text(json.dumps(result))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.regenerate(tmp_path, readme)
+    assert "load average 1.0 at start (a shared machine: timings are noisy), fp32 matrix products at 181 GFLOP/s" in (
+        readme.read_text())
