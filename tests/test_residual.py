@@ -179,3 +179,12 @@ def test_a_narrow_stream_runs_under_bf16_autocast():
         low = logits(model)
     assert torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), reference, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_a_reduced_layernorm_built_without_a_cut_is_a_layernorm_of_the_full_width_input(dtype, tolerance):
+    # Shapes only (a model rebuilt from its config): defined weights, never torch.empty's leftover memory.
+    norm = ReducedLayerNorm(16, 16, 16, full_input=True, eps=1e-12).to(dtype)
+    x = (torch.randn(4, 7, 16) * 3 + 5).to(dtype)  # a mean far from 0, as a stream can have
+    expected = torch.nn.functional.layer_norm(x.float(), (16,), eps=1e-12)
+    assert torch.allclose(norm(x).float(), expected, atol=tolerance, rtol=tolerance)

@@ -284,16 +284,24 @@ class ReducedLayerNorm(nn.Module):
         if not full_input:
             self.shift = nn.Parameter(torch.zeros(normalised, **kwargs))
             self.outside_variance = nn.Parameter(torch.zeros((), **kwargs))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A LayerNorm (γ = 1, β = 0) of the leading coordinates: a defined start where no cut sets the weights (a
+        model built from its config), never the uninitialised memory of ``torch.empty``."""
+        nn.init.eye_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., input_width) -> (..., output_width)
+        # The variance in float32 whatever the compute dtype, as LayerNorm does under autocast.
         if self.full_input:
-            x = x - x.mean(-1, keepdim=True)
-            squared = x.float().square().sum(-1, keepdim=True)
+            # One reduction for both moments: squaring the centred stream would hold another d-wide tensor, and at
+            # the embeddings that is the largest activation left once the stream is cut.
+            variance, mean = torch.var_mean(x.float(), dim=-1, keepdim=True, correction=0)
+            x = x - mean.to(x.dtype)
         else:
             x = x[..., :-1] + self.shift
-            squared = x.float().square().sum(-1, keepdim=True) + self.outside_variance.float()
-        # The variance in float32 whatever the compute dtype, as LayerNorm does under autocast.
-        scale = torch.rsqrt(squared / self.hidden_size + self.eps).to(x.dtype)
+            variance = (x.float().square().sum(-1, keepdim=True) + self.outside_variance.float()) / self.hidden_size
+        scale = torch.rsqrt(variance + self.eps).to(x.dtype)
         return (nn.functional.linear(x, self.weight) + self.offset) * scale + self.bias
 
     def extra_repr(self) -> str:
