@@ -14,6 +14,9 @@ script measures both models at batch 1 and batch 32:
    loads and the batch runs forward (weights, activations and the workspace kernels take from torch's allocator) —
    what ``torch.cuda.max_memory_allocated`` reports on a GPU. No allocator, page or library overhead enters it, so it
    is the same in every run (`live_tensor_peak_bytes`).
+3. **What is held at the forward pass's peak** (`tensors_at_peak`): the module and operator running when the live
+   activations peak, and each tensor alive then, named by the module that made it. It shows why activation memory
+   does not fall with the parameters: the tensors alive at the peak are the ones at the residual width the cut keeps.
 
 The models: the teacher the benchmark cached in ``benchmarks/.cache`` (if absent: its architecture with fresh
 weights) and the RMT-KD model rebuilt from the shapes the ``rmtkd`` row's round log records, with fresh weights
@@ -35,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,11 +51,13 @@ import transformers
 from measure import inference_peak_mb
 from shapes import rmtkd_shaped_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import hf_rmtkd
 from hf_rmtkd.utils import write_text_atomic
 
-__all__ = ["live_tensor_peak_bytes", "load_checkpoint", "tensor_peak_mb", "weight_bytes"]
+__all__ = ["live_tensor_peak_bytes", "load_checkpoint", "tensor_peak_mb", "tensors_at_peak", "weight_bytes"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ("minilm_rt", "resnet_mnist")
@@ -94,6 +100,73 @@ def live_tensor_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
         held += event.nbytes()  # negative for a free
         peak = max(peak, held)
     return result, peak
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Every tensor an operator returns, with the module that was running, while it stays alive; and the moment the
+    bytes held this way peaked."""
+
+    def __init__(self, modules: list[str]):
+        super().__init__()
+        self.modules = modules  # the stack of modules running (forward pre-hooks push, forward hooks pop)
+        self.live: dict[int, tuple[int, str]] = {}  # storage address -> (bytes, "module operator")
+        self.peak, self.peak_at, self.held_at_peak = 0, "", []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        where = f"{self.modules[-1] if self.modules else '(model)'} {func.__name__.split('.')[0]}"
+        # A view or an in-place result shares an input's storage (a weight's transpose, say): nothing new is held.
+        inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
+                  if isinstance(leaf, torch.Tensor)}
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in inputs and storage.data_ptr() not in self.live:
+                self.live[storage.data_ptr()] = (storage.nbytes(), where)
+                weakref.finalize(tensor, self.live.pop, storage.data_ptr(), None)
+        held = sum(nbytes for nbytes, _ in self.live.values())
+        if held > self.peak:
+            self.peak, self.peak_at = held, where
+            self.held_at_peak = sorted(self.live.values(), key=lambda entry: (-entry[0], entry[1]))  # largest first
+        return out
+
+
+def tensors_at_peak(model: nn.Module, batch: dict, *, largest: int = 12) -> dict:
+    """Where a forward pass's live activation memory peaks, and what is held there.
+
+    Every tensor an operator returns is followed until it is freed (a ``TorchDispatchMode``); the module running is
+    tracked by forward hooks. This counts what operators return, not a kernel's private workspace, so its peak can
+    fall a little short of `live_tensor_peak_bytes` (MiniLM-L6's RMT-KD model at batch 32: 19.46 MB by both; its
+    ``residual`` row 14.12 against 14.14 MB, the attention kernel's scratch).
+
+    Args:
+        model: the model, in eval mode.
+        batch: its keyword inputs (they exist before and are not counted).
+        largest: how many of the tensors held at the peak to list, largest first.
+
+    Returns:
+        ``peak_mb``, ``at`` (the module and operator running at the peak) and ``held``: ``[mb, "module operator"]``
+        of the ``largest`` tensors alive then.
+    """
+    running: list[str] = []
+
+    def entered(name: str):
+        return lambda *_: running.append(name)  # None: the module's inputs stay as they are
+
+    def left(*_) -> None:  # returns None: the module's output stays as it is
+        running.pop()
+
+    hooks = [handle for name, module in model.named_modules() if name for handle in (
+        module.register_forward_pre_hook(entered(name)), module.register_forward_hook(left))]
+    try:
+        with torch.no_grad(), _LiveTensors(running) as tracker:
+            model(**batch)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {"peak_mb": tracker.peak / MB, "at": tracker.peak_at,
+            "held": [[nbytes / MB, where] for nbytes, where in tracker.held_at_peak[:largest]]}
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -210,12 +283,14 @@ def probe(name: str, processes: int, row_name: str = "rmtkd") -> dict:
         for size in BATCH_SIZES:
             batch = inputs(teacher, size)
             tensors = {model: tensor_peak_mb(directory, batch) for model, directory in checkpoints.items()}
+            held = {"teacher": tensors_at_peak(teacher, batch), "rmtkd": tensors_at_peak(rmtkd.eval(), batch)}
             rss = rss_peaks(checkpoints, batch, processes)
             entry["batches"][str(size)] = {
                 "rss_mb": rss,
                 "rss_warm_ratio": rss["rmtkd"]["warm_median"] / rss["teacher"]["warm_median"],
                 "tensor_mb": tensors,
                 "tensor_ratio": tensors["rmtkd"]["peak"] / tensors["teacher"]["peak"],
+                "held_at_forward_peak": held,
             }
             print(f"[{name} b{size}] RSS warm median {rss['teacher']['warm_median']:.1f} -> "
                   f"{rss['rmtkd']['warm_median']:.1f} MB (x{entry['batches'][str(size)]['rss_warm_ratio']:.3f}); "

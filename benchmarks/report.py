@@ -263,6 +263,15 @@ def _probe_lines(probe: dict) -> list[str]:
                          f"| {rss(runs['rmtkd'])} | x{measured['rss_warm_ratio']:.3f} "
                          f"| {_mb(tensors['teacher']['peak'])} | {_mb(tensors['rmtkd']['peak'])} "
                          f"| x{measured['tensor_ratio']:.3f} |")
+    held = [(name, batch, measured["held_at_forward_peak"]) for name, entry in probe["benchmarks"].items()
+            for batch, measured in entry["batches"].items() if "held_at_forward_peak" in measured]
+    if held:
+        lines += ["", "What the forward pass holds at its activation peak (`memory_probe.tensors_at_peak`: every "
+                  "tensor alive then, MB, named by the module and operator that made it; weights not counted):", ""]
+    for name, batch, models in held:
+        for model, peak in models.items():
+            tensors = "; ".join(f"{mb:.2f} {where}" for mb, where in peak["held"] if mb >= 0.01 * peak["peak_mb"])
+            lines.append(f"- {name}, batch {batch}, {model}: {peak['peak_mb']:.2f} MB at `{peak['at']}` — {tensors}")
     return [*lines, ""]
 
 

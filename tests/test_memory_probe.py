@@ -31,6 +31,37 @@ def test_peak_of_a_known_forward_pass(inplace, held_at_peak):
     assert peak == BATCH * held_at_peak * FLOAT32
 
 
+@pytest.mark.parametrize("inplace, at, held", [
+    # Out of place: ReLU's output is written while the first Linear's is still referenced.
+    (False, "1 relu", [(D_HIDDEN, "0 addmm"), (D_HIDDEN, "1 relu")]),
+    # In place, ReLU returns its input's storage (nothing new): the peak is the second Linear writing its output.
+    (True, "2 addmm", [(D_HIDDEN, "0 addmm"), (D_OUT, "2 addmm")]),
+])
+def test_what_is_held_at_the_peak_of_a_known_forward_pass(inplace, at, held):
+    model = nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.ReLU(inplace=inplace), nn.Linear(D_HIDDEN, D_OUT)).eval()
+    inputs = torch.randn(BATCH, D_IN)
+    with torch.no_grad():
+        expected = model(inputs)
+    peak = memory_probe.tensors_at_peak(_KeywordInput(model), {"x": inputs})
+    assert peak["at"] == f"model.{at}"
+    assert peak["held"] == [[BATCH * width * FLOAT32 / memory_probe.MB, f"model.{where}"] for width, where in held]
+    assert peak["peak_mb"] == pytest.approx(sum(mb for mb, _ in peak["held"]))
+    with torch.no_grad():  # the module hooks are gone and changed nothing
+        assert torch.equal(model(inputs), expected)
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+class _KeywordInput(nn.Module):
+    """``model`` called with a keyword batch, as the probe calls transformers models."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
 def test_freed_memory_does_not_count_twice():
     def two_temporaries_one_after_the_other():
         first = torch.ones(1000)
