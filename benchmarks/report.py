@@ -445,6 +445,27 @@ def _blocks(eager: dict) -> str:
             f"(range x{min(speedups):.2f}–x{max(speedups):.2f})")
 
 
+def _first_clause(text: str) -> str:
+    """``text`` up to its first ";", with the brackets open there closed ("x0.37 (48 MB; cold" -> "x0.37 (48 MB)")."""
+    depth = 0
+    for index, character in enumerate(text):
+        depth += (character == "(") - (character == ")")
+        if character == ";":
+            return text[:index] + ")" * depth
+    return text
+
+
+def _at_a_glance(results: dict[str, dict], probe: dict | None) -> list[str]:
+    """One line per benchmark: how many of the issue's targets its RMT-KD row meets, and each one it misses."""
+    lines = ["Targets at a glance (each benchmark's section below has the measurements and the reasons):", ""]
+    for name, result in results.items():
+        checks = targets(name, result, (probe or {}).get("benchmarks", {}).get(name))
+        missed = [f"{goal}: {_first_clause(value)}" for goal, met, value in checks if not met]
+        lines.append(f"- `{name}`: {len(checks) - len(missed)} of {len(checks)} met"
+                     + ("; missed: " + "; ".join(missed) if missed else ""))
+    return [*lines, ""]
+
+
 def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
              breakdowns: list[dict] | None = None, probe: dict | None = None, folds: dict | None = None,
              fold_speed: dict | None = None) -> str:
@@ -462,6 +483,7 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         "",
         "![Test accuracy against total parameters, every row: seed means ± std](benchmarks/results/frontier.png)",
         "",
+        *_at_a_glance(results, probe),
     ]
     for name, result in results.items():
         env = result["environment"]

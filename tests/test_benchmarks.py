@@ -741,3 +741,23 @@ def test_results_record_the_hosts_matrix_product_speed_and_the_readme_states_it(
     report.regenerate(tmp_path, readme)
     assert "load average 1.0 at start (a shared machine: timings are noisy), fp32 matrix products at 181 GFLOP/s" in (
         readme.read_text())
+
+
+@pytest.mark.parametrize("value, clause", [
+    ("72% (x3.82 of x5.27)", "72% (x3.82 of x5.27)"),
+    ("warm memory x0.373 (48 vs 130 MB; cold x0.458 (69 vs 151 MB)) vs params x0.200",
+     "warm memory x0.373 (48 vs 130 MB)"),
+    ("a; b", "a"),
+])
+def test_the_first_clause_of_a_measured_value_keeps_its_brackets_balanced(value, clause):
+    assert report._first_clause(value) == clause
+
+
+def test_the_readme_opens_with_each_benchmarks_targets_met_and_missed(tmp_path):
+    (tmp_path / "minilm_rt.json").write_text(json.dumps(_synthetic_result()))  # 60% cut, 1.5 points, x2.0 of x2.2
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.regenerate(tmp_path, readme)
+    glance = readme.read_text().split("Targets at a glance")[1].split("###")[0]
+    assert ("- `minilm_rt`: 3 of 6 met; missed: >= 80% fewer total params: 60.0% fewer; <= 1.0 point accuracy loss: "
+            "+1.50 points lost; >= 2.8x batch-32 throughput: x2.00\n") in glance
