@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import vision
+from measure import operator_times_ms
 from shapes import rmtkd_shaped_model
 from torch import nn
 from transformers import ResNetForImageClassification
@@ -38,20 +39,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def profile_forward(model: nn.Module, batch: dict, runs: int = 100) -> dict:
-    """Self CPU milliseconds per forward pass of the convolutions and of the max pooling, the convolution calls, and
-    the whole pass (the rest: activations, adds, the classifier)."""
-    with torch.inference_mode():
-        for _ in range(5):
-            model(**batch)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            for _ in range(runs):
-                model(**batch)
-    events = profile.key_averages()
-    convolutions = [event for event in events if event.key == "aten::mkldnn_convolution"]
-    return {"total_ms": sum(event.self_cpu_time_total for event in events) / 1e3 / runs,
-            "convolution_ms": sum(event.self_cpu_time_total for event in convolutions) / 1e3 / runs,
-            "convolution_calls": sum(event.count for event in convolutions) // runs,
-            "max_pool_ms": sum(event.self_cpu_time_total for event in events if "max_pool" in event.key) / 1e3 / runs}
+    """Self CPU milliseconds per forward pass of the convolutions (their kernels, oneDNN's or PyTorch's own, and
+    dispatch) and of the max pooling, the convolution calls, and the whole pass (the rest: activations, adds, the
+    classifier)."""
+    operators = operator_times_ms(model, batch, runs, warmup=5)
+    return {"total_ms": sum(ms for ms, _ in operators.values()),
+            "convolution_ms": sum(ms for name, (ms, _) in operators.items() if "conv" in name),
+            "convolution_calls": operators.get("aten::conv2d", (0.0, 0))[1],
+            "max_pool_ms": sum(ms for name, (ms, _) in operators.items() if "max_pool" in name)}
 
 
 class ChannelsLast(nn.Module):

@@ -31,8 +31,8 @@ from torch import nn
 from hf_rmtkd.bench import compare_speed, count_flops, parameter_count, safetensors_size
 
 __all__ = [
-    "MemorySampler", "checkpoint_bytes", "embedding_parameters", "energy_per_inference", "measure_row", "rapl_files",
-    "timed",
+    "MemorySampler", "checkpoint_bytes", "embedding_parameters", "energy_per_inference", "measure_row",
+    "operator_times_ms", "rapl_files", "timed",
 ]
 
 RAPL_GLOB = "/sys/class/powercap/intel-rapl*/energy_uj"
@@ -65,6 +65,19 @@ class MemorySampler:
     def to_dict(self) -> dict:
         return {"peak_rss_mb": round(self.peak_mb, 1), "rss_before_mb": round(self.rss_before_mb, 1),
                 "memory_method": "psutil RSS of the benchmark process, sampled every 20 ms during compression"}
+
+
+def operator_times_ms(model: nn.Module, batch: dict, runs: int, warmup: int = 3) -> dict[str, tuple[float, int]]:
+    """Self CPU milliseconds per forward pass and calls per forward pass of every operator ``model`` runs on
+    ``batch`` (torch's profiler, ``runs`` passes after ``warmup`` unprofiled ones, inference mode)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(**batch)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            for _ in range(runs):
+                model(**batch)
+    return {event.key: (event.self_cpu_time_total / 1e3 / runs, event.count // runs)
+            for event in profile.key_averages()}
 
 
 def rapl_files() -> list[str]:

@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from harness import environment
+from measure import operator_times_ms
 from shapes import rmtkd_shaped_model
 from text import FULL, teacher_cache
 from transformers import AutoModelForSequenceClassification
@@ -67,15 +68,9 @@ def operator_kind(name: str) -> str:
 
 def time_by_kind(model, batch, runs: int) -> dict[str, float]:
     """Self CPU milliseconds per forward pass, summed by operator kind."""
-    with torch.inference_mode():
-        for _ in range(3):
-            model(**batch)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            for _ in range(runs):
-                model(**batch)
     totals = defaultdict(float)
-    for event in profile.key_averages():
-        totals[operator_kind(event.key)] += event.self_cpu_time_total / 1e3 / runs
+    for name, (ms, _) in operator_times_ms(model, batch, runs).items():
+        totals[operator_kind(name)] += ms
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 

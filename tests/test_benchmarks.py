@@ -761,3 +761,23 @@ def test_the_readme_opens_with_each_benchmarks_targets_met_and_missed(tmp_path):
     glance = readme.read_text().split("Targets at a glance")[1].split("###")[0]
     assert ("- `minilm_rt`: 3 of 6 met; missed: >= 80% fewer total params: 60.0% fewer; <= 1.0 point accuracy loss: "
             "+1.50 points lost; >= 2.8x batch-32 throughput: x2.00\n") in glance
+
+
+def test_operator_times_count_every_call_of_a_known_forward_pass(bert):
+    # The tiny BERT's encoder layers each run one LayerNorm after attention and one after the FFN, the embeddings one.
+    layers = bert.config.num_hidden_layers
+    operators = measure.operator_times_ms(bert, tiny_inputs("bert"), runs=4)
+    assert operators["aten::layer_norm"][1] == 2 * layers + 1
+    assert all(ms >= 0 for ms, _ in operators.values())
+    by_kind = speed_breakdown.time_by_kind(bert, tiny_inputs("bert"), runs=4)
+    assert by_kind["LayerNorm"] > 0 and list(by_kind.values()) == sorted(by_kind.values(), reverse=True)
+
+
+def test_the_vision_profile_counts_the_resnets_convolutions():
+    import fold_speed
+
+    resnet = tiny_model("resnet")
+    convolutions = sum(isinstance(module, torch.nn.Conv2d) for module in resnet.modules())
+    profile = fold_speed.profile_forward(resnet, tiny_inputs("resnet"), runs=3)
+    assert profile["convolution_calls"] == convolutions
+    assert 0 < profile["convolution_ms"] <= profile["total_ms"] and profile["max_pool_ms"] > 0
