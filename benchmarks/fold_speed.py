@@ -2,7 +2,7 @@
 
 The deployed form folds every BatchNorm into the convolution before it (`hf_rmtkd.fold_batchnorm`). It is also timed
 in PyTorch's channels-last memory format (weights and images), the layout its CPU convolution and pooling kernels are
-fastest in: in the default layout the stem's max pooling alone takes about a quarter of either model's time, a cost
+fastest in: in the default layout the stem's max pooling alone takes 28 to 33% of either model's time, a cost
 the cut cannot touch, which holds the speed-up far below the FLOP ratio.
 
 Speed depends on shapes only, so the RMT-KD model is rebuilt from the shapes the ``rmtkd`` row's round log records
