@@ -22,6 +22,7 @@ from baselines import energy_rank
 
 from hf_rmtkd.calibration import recount
 from hf_rmtkd.spectrum import ESTIMATORS
+from hf_rmtkd.utils import write_text_atomic
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "vision_allocations.json"
 
@@ -55,8 +56,8 @@ def main() -> None:
         folds[fold] = fold_allocations(fold, options.quantiles, options.estimators, options.params)
         for name, ranks in folds[fold].items():
             print(f"fold {fold}  {name:<20} {ranks}", flush=True)
-    OUTPUT.write_text(json.dumps({"params": options.params, "sites": "the 12 conv_inner sites, stage by stage",
-                                  "folds": folds}, indent=1) + "\n")
+    record = {"params": options.params, "sites": "the 12 conv_inner sites, stage by stage", "folds": folds}
+    write_text_atomic(OUTPUT, json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from vision_sweep import KD_STEPS
 from vision_sweep import RESULTS as SWEEP
 
 from hf_rmtkd import RMTKDTrainingArguments
+from hf_rmtkd.utils import write_text_atomic
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "vision_folds.json"
 # What tells one setting from another in a sweep record; the rest (seed, fold, scores, sizes, times) is per run.
@@ -109,9 +110,9 @@ def pool(records: list[dict]) -> list[dict]:
 def main() -> None:
     records = [json.loads(line) for line in SWEEP.read_text().splitlines() if line.strip()]
     table = pool(records)
-    OUTPUT.write_text(json.dumps({"folds": vision.FOLDS, "validation_examples_per_fold": 800,
-                                  "reference": label(REFERENCE), "reference_settings": REFERENCE, "settings": table},
-                                 indent=1) + "\n")
+    record = {"folds": vision.FOLDS, "validation_examples_per_fold": 800, "reference": label(REFERENCE),
+              "reference_settings": REFERENCE, "settings": table}
+    write_text_atomic(OUTPUT, json.dumps(record, indent=1) + "\n")
     for entry in table:
         folds = " ".join(f"{a:.4f}" for a in entry["fold_accuracy"])
         difference = entry.get("difference_from_reference")
