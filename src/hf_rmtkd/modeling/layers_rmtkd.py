@@ -23,6 +23,9 @@ A reduction map is ``{module path: entry}``, with module paths relative to the w
   a post-LayerNorm becomes a :class:`ReducedLayerNorm` that reads the residual stream in r_in coordinates (None: the
   full hidden size) and writes it in r_out coordinates (None: full); the Linears reading its output (``readers``) and
   those adding into the same stream before the next norm (``writers``) are resized to r_out (format version 4).
+- ``{"kind": "residual_channels", "width": k, "writers": [...], "readers": [...]}``, keyed by the first writer: a
+  ResNet's residual stream keeps k whole channels; its writers (``nn.Conv2d`` / ``nn.BatchNorm2d``) output k and its
+  readers (``nn.Conv2d`` / ``nn.Linear``) read k; they stay plain modules (format version 6).
 - ``{"kind": "folded_batchnorm", "into": <conv path>}``, keyed by a ``BatchNorm2d``'s path: the norm became
   ``nn.Identity`` and its inference-time affine map lives in the convolution before it, which gains a bias (format
   version 5). Installed last, so the convolution has whatever width the other entries gave it.
@@ -498,6 +501,30 @@ def plan_residual(model: nn.Module, path: str, entry: dict, device=None) -> dict
     return plan
 
 
+def plan_residual_channels(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
+    """Shape-only replacements for a ``residual_channels`` entry: every writer and reader of the stream."""
+    writers, readers = entry.get("writers"), entry.get("readers")
+    if not writers or not readers or not all(isinstance(v, (list, tuple)) for v in (writers, readers)):
+        raise ValueError(f"residual_channels entry for '{path}' needs non-empty 'writers' and 'readers' lists of "
+                         "module paths.")
+    d = producer_width(writers[0], get_submodule(model, writers[0]))
+    width = _check_rank(path, entry.get("width"), d, "'width'")
+    plan = {}
+    for writer in writers:
+        module = get_submodule(model, writer)
+        if producer_width(writer, module) != d:
+            raise ValueError(f"residual_channels entry for '{path}': writer '{writer}' outputs "
+                             f"{producer_width(writer, module)} channels, not the stream's {d}.")
+        plan[writer] = _with_output_width(module, width, device)
+    for reader in readers:
+        module = get_submodule(model, reader)
+        if consumer_width(reader, module) != d:
+            raise ValueError(f"residual_channels entry for '{path}': reader '{reader}' reads "
+                             f"{consumer_width(reader, module)} channels, not the stream's {d}.")
+        plan[reader] = _with_input_width(module, width, device)
+    return plan
+
+
 def plan_folded_batchnorm(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
     """Shape-only replacements for a ``folded_batchnorm`` entry: ``nn.Identity`` at ``path``, a biased conv at
     ``entry["into"]``."""
@@ -522,6 +549,7 @@ PLANNERS = {
     "attention_heads": plan_attention_heads,
     "embedding": plan_embedding,
     "residual": plan_residual,
+    "residual_channels": plan_residual_channels,
     "folded_batchnorm": plan_folded_batchnorm,
 }
 # Kinds that resize a producer's output (e.g. ``intermediate.dense``, ``query``), which a ``low_rank`` entry may then
@@ -530,9 +558,9 @@ WIDTH_KINDS = ("ffn_width", "attention_heads")
 
 
 def install_order(kind: str) -> int:
-    """Width cuts first, then the residual stream (it resizes the other side of the same Linears), then factoring,
+    """Width cuts first, then the residual stream (it resizes the other side of the same layers), then factoring,
     then BatchNorm folding (into convolutions at their final width)."""
-    return {**dict.fromkeys(WIDTH_KINDS, 0), "residual": 1, "folded_batchnorm": 3}.get(kind, 2)
+    return {**dict.fromkeys(WIDTH_KINDS, 0), "residual": 1, "residual_channels": 1, "folded_batchnorm": 3}.get(kind, 2)
 
 
 def plan_reduction(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:

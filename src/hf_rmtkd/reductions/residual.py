@@ -1,6 +1,7 @@
 """``residual``: narrow the residual stream of a post-LayerNorm encoder to its signal directions.
 
-Post-LayerNorm encoders: BERT, RoBERTa, XLM-R, CamemBERT and DistilBERT (`POST_NORM_LAYOUTS`). Every Linear of a
+Post-LayerNorm encoders: BERT, RoBERTa, XLM-R, CamemBERT and DistilBERT (`POST_NORM_LAYOUTS`); ResNets keep whole
+channels of their streams instead (``residual_channels``, which `cut_residual_stream` hands them to). Every Linear of a
 transformer reads or writes the residual stream, so its width d sits on one side of every weight
 matrix, and every LayerNorm, GELU input and residual add runs at that width. On MiniLM-L6 fine-tuned on Rotten
 Tomatoes, the calibration spectra of the stream keep 120–146 of 384 directions above the Marchenko–Pastur edge.
@@ -43,6 +44,7 @@ from ..architectures import Site
 from ..calibration import collect_statistics
 from ..modeling.layers_rmtkd import get_submodule, plan_residual, set_submodule
 from ..spectrum import count_outliers
+from .residual_channels import CHANNEL_STREAM_MODEL_TYPES, cut_residual_channels
 
 __all__ = ["POST_NORM_LAYOUTS", "POST_NORM_MODEL_TYPES", "PostNormLayout", "StreamSegment", "cut_residual_stream",
            "narrow_residual_stream", "stream_bases", "stream_entries", "stream_norms", "stream_segments",
@@ -99,7 +101,8 @@ def stream_segments(model: nn.Module) -> list[StreamSegment]:
     embedding_norms = [n for n in names if n == "embeddings.LayerNorm" or n.endswith(".embeddings.LayerNorm")]
     if model_type not in POST_NORM_LAYOUTS or len(embedding_norms) != 1:
         raise ValueError(
-            f"The residual kind narrows post-LayerNorm encoders (model types {list(POST_NORM_MODEL_TYPES)}); "
+            f"The residual kind narrows post-LayerNorm encoders (model types {list(POST_NORM_MODEL_TYPES)}) and "
+            f"ResNets ({list(CHANNEL_STREAM_MODEL_TYPES)}); "
             f"{type(model).__name__} has model_type {model_type!r}. Leave 'residual' out of reduction_kinds for this "
             "model."
         )
@@ -258,7 +261,8 @@ def cut_residual_stream(model: nn.Module, data, *, estimator: str = "mp_fit", qu
     """Measure the residual stream of ``model`` on ``data`` and cut every segment to its outlier count (in place).
 
     Each segment keeps k = the number of eigenvalues of its spectrum above the MP edge (`count_outliers` with the
-    given σ² estimator, τ and edge), at least ``min_rank`` and at most d − 1.
+    given σ² estimator, τ and edge), at least ``min_rank`` and at most d − 1. A ResNet keeps whole channels of each
+    of its streams instead (`cut_residual_channels`, same arguments).
 
     Args:
         model: a post-LayerNorm encoder with no other cut yet (see `stream_segments`).
@@ -274,6 +278,11 @@ def cut_residual_stream(model: nn.Module, data, *, estimator: str = "mp_fit", qu
     Example:
         >>> entries, sites = cut_residual_stream(model, calibration_set)  # doctest: +SKIP
     """
+    if getattr(getattr(model, "config", None), "model_type", None) in CHANNEL_STREAM_MODEL_TYPES:
+        return cut_residual_channels(model, data, estimator=estimator, quantile=quantile, edge=edge,
+                                     effective_samples=effective_samples, min_rank=min_rank, max_tokens=max_tokens,
+                                     batch_size=batch_size, collate_fn=collate_fn, accelerator=accelerator,
+                                     progress=progress)
     segments = stream_segments(model)
     statistics = collect_statistics(model, data, stream_sites(segments), max_tokens=max_tokens, batch_size=batch_size,
                                     collate_fn=collate_fn, accelerator=accelerator, progress=progress)
