@@ -16,6 +16,7 @@ from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
 from hf_rmtkd.modeling.layers_rmtkd import WIDTH_KINDS
 from hf_rmtkd.plan import Plan, PlannedCut
 from hf_rmtkd.reductions.residual import stream_entries, stream_segments
+from hf_rmtkd.reductions.residual_channels import CHANNEL_STREAM_MODEL_TYPES, channel_stream_entry, channel_streams
 
 __all__ = ["rmtkd_shaped_model"]
 
@@ -27,7 +28,8 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
         teacher: the uncompressed model the run started from (left unchanged).
         log: the run's round log (`RMTKDTrainer.rmtkd_log`, the ``log`` of a result's ``rmtkd`` row): per round,
             ``sites`` maps a site name to its cut (``kind``, ``d``, ``k``, ``k_spectrum``, optionally ``heads`` and
-            ``rows``; a ``residual`` cut is keyed by the LayerNorm starting its stream segment). Rounds logged with
+            ``rows``; a ``residual`` cut is keyed by the LayerNorm starting its stream segment, or on a ResNet by
+            the first convolution writing the stream). Rounds logged with
             ``accepted: False`` were rolled back by the trainer and are skipped.
 
     Returns:
@@ -52,7 +54,10 @@ def rmtkd_shaped_model(teacher: nn.Module, log: list[dict]) -> nn.Module:
             cuts.append(PlannedCut(name, site.role, kind, cut["d"], cut["k_spectrum"], cut["k"], 0, 0, modules,
                                    producers, shared, cut.get("heads", []), stored))
         round_map = Plan(cuts, {}).reduction_map()
-        if stream:
+        if stream and base.config.model_type in CHANNEL_STREAM_MODEL_TYPES:  # keyed by each stream's first writer
+            round_map.update({s.writers[0]: channel_stream_entry(s, stream[s.writers[0]])
+                              for s in channel_streams(base) if s.writers[0] in stream})
+        elif stream:
             segments = stream_segments(base)
             round_map.update(stream_entries(segments, [stream[s.norm] for s in segments]))
         apply_reduction_map(base, round_map)  # the stream before the cuts planned on it, as the trainer made them

@@ -364,6 +364,23 @@ def test_speed_breakdown_rebuilds_the_logged_shapes(bert, kinds):
     assert rebuilt.num_parameters() == small.num_parameters() < bert.num_parameters()
 
 
+def test_shapes_rebuild_a_resnet_whose_streams_keep_fewer_channels():
+    import hf_rmtkd
+
+    resnet = tiny_model("resnet").eval()
+    images = [tiny_inputs("resnet", batch=16, seed=i) for i in range(4)]
+    small = hf_rmtkd.compress(resnet, images, kinds=("residual", "ffn_width"), min_rank=2, progress=False)
+    # The trainer logs a ResNet stream under its first writer, with the channels it keeps.
+    stream = {writer: {"kind": "residual", "d": 0, "k": entry["width"], "k_spectrum": 0}
+              for writer, entry in small.config.reductions.items() if entry["kind"] == "residual_channels"}
+    assert stream
+    log = [{"sites": {**stream, **{c.site: {"kind": c.kind, "d": c.d, "k": c.rank, "k_spectrum": c.k_spectrum}
+                                   for c in small.rmtkd_plan.cuts}}}]
+    rebuilt = speed_breakdown.rmtkd_shaped_model(resnet, log)
+    assert rebuilt.config.reductions == small.config.reductions
+    assert rebuilt.num_parameters() == small.num_parameters() < resnet.num_parameters()
+
+
 @pytest.mark.parametrize("name, kind", [
     ("aten::addmm", "matrix products (Linear)"), ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                                    "attention (SDPA, softmax)"),
@@ -543,6 +560,40 @@ def test_memory_target_is_judged_on_the_warm_peak_when_measured(memory, met):
     ok, measured = checks["peak inference memory (batch 32) falls at least in proportion to params"]
     assert ok is met
     assert ("warm memory" in measured) == ("warm_inference_memory_ratio_b32" in memory)
+
+
+@pytest.mark.parametrize(("rss_ratio", "tensor_ratio", "met"), [(0.39, 0.38, True), (0.45, 0.38, False),
+                                                              (0.39, 0.41, False)])
+def test_a_memory_target_is_met_only_if_the_probe_agrees(rss_ratio, tensor_ratio, met):
+    result = _synthetic_result()  # params x0.4
+    result["rows"]["rmtkd"].update(warm_inference_memory_ratio_b32=0.30, warm_inference_peak_mb_b32=3,
+                                   teacher_warm_inference_peak_mb_b32=10, inference_memory_ratio_b32=0.5,
+                                   inference_peak_mb_b32=10, teacher_inference_peak_mb_b32=20)
+    probe = {"processes": 5, "batches": {"32": {
+        "rss_warm_ratio": rss_ratio, "tensor_ratio": tensor_ratio,
+        "rss_mb": {"rmtkd": {"warm_median": 10 * rss_ratio}, "teacher": {"warm_median": 10.0}},
+        "tensor_mb": {"rmtkd": {"peak": 10 * tensor_ratio}, "teacher": {"peak": 10.0}}}}}
+    checks = {target: ok for target, ok, _ in report.targets("minilm_rt", result, probe)}
+    assert checks["peak inference memory (batch 32) falls at least in proportion to params"] is met
+
+
+def test_an_opt_in_row_is_held_to_the_targets_of_its_own_size_speed_and_memory(tmp_path):
+    result = _synthetic_result()  # rmtkd: 400 of 1,000 params, 1.5 points lost; svd_uniform matched
+    result["rows"]["rmtkd_residual"] = {**result["rows"]["rmtkd"], "params": 150, "accuracy": 0.805,
+                                        "throughput_ratio_b32": 3.0, "flop_ratio": 3.5}
+    result["rows"]["rmtkd_residual"].pop("seed_accuracies", None)
+    checks = {target: (ok, value) for target, ok, value in report.targets("minilm_rt", result, row="rmtkd_residual")}
+    assert checks[">= 80% fewer total params"] == (True, "85.0% fewer")
+    assert checks[">= 2.8x batch-32 throughput"] == (True, "x3.00")
+    assert not any("baseline" in target for target in checks)  # the baselines are matched to the default row
+    (tmp_path / "minilm_rt.json").write_text(json.dumps(result))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.regenerate(tmp_path, readme)
+    text = readme.read_text()
+    assert "- `minilm_rt`, opt-in row `rmtkd_residual`: 4 of 5 met; missed: file size falls at least in proportion " \
+           "to params: size x0.400 vs params x0.150" in text
+    assert "The same targets for the opt-in row `rmtkd_residual` (not the library's defaults):" in text
 
 
 EXPORT_TARGET = ("file size of the deployed form (BatchNorm folded into the convolutions, both models) falls at least "

@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 import hf_rmtkd  # noqa: F401  (registers the Auto classes)
 from hf_rmtkd.calibration import calibrate, collect_statistics
+from hf_rmtkd.card import build_model_card
 from hf_rmtkd.cut import apply_plan
 from hf_rmtkd.modeling import rmtkd_class_for
 from hf_rmtkd.modeling.layers_rmtkd import ReducedLayerNorm, apply_reduction_map
@@ -166,6 +167,7 @@ def test_compress_narrows_the_stream_then_cuts_inside(tmp_path):
                               progress=False)
     kinds = {entry["kind"] for entry in small.config.reductions.values()}
     assert "residual" in kinds and kinds - {"residual"}, kinds
+    assert f"Residual stream: between every two LayerNorms, {HIDDEN} → " in build_model_card(small).text
     small.save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(reloaded), logits(small.eval()), atol=1e-6, rtol=1e-6)

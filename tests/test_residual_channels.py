@@ -10,6 +10,7 @@ from transformers import AutoModelForImageClassification, ResNetConfig, ResNetFo
 import hf_rmtkd
 from hf_rmtkd.batchnorm_folding import fold_batchnorm
 from hf_rmtkd.calibration import collect_statistics
+from hf_rmtkd.card import build_model_card
 from hf_rmtkd.modeling import rmtkd_class_for
 from hf_rmtkd.modeling.layers_rmtkd import build_reduction, plan_residual_channels
 from hf_rmtkd.reductions.residual import cut_residual_stream
@@ -140,6 +141,10 @@ def test_compress_narrows_the_streams_then_cuts_inside_and_folds(tmp_path):
     small.save_pretrained(tmp_path / "trained")
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "trained").eval()
     torch.testing.assert_close(outputs(reloaded), outputs(small), atol=1e-6, rtol=1e-6)
+    widths = [e["width"] for _, e in sorted(small.config.reductions.items()) if e["kind"] == "residual_channels"]
+    card = build_model_card(small).text
+    assert f"Residual stream: whole channels kept in {len(widths)} streams, in depth order: " \
+           f"{', '.join(map(str, widths))}." in card
     folded = fold_batchnorm(small)  # the deployed form: BatchNorm folded into convolutions at their cut widths
     folded.save_pretrained(tmp_path / "deployed")
     redeployed = AutoModelForImageClassification.from_pretrained(tmp_path / "deployed").eval()

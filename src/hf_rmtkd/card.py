@@ -261,14 +261,20 @@ def _unique(items: list[str]) -> list[str]:
 
 
 def _stream_widths(model) -> str | None:
-    """"d → k_min–k_max over N segments" when the ``residual`` kind narrowed the residual stream, else None."""
-    entries = [e for e in (getattr(model.config, "reductions", None) or {}).values() if e.get("kind") == "residual"]
-    kept = sorted(e["width"] - 1 for e in entries if e.get("width"))
+    """What the ``residual`` kind kept of the residual stream, else None: "between every two LayerNorms,
+    d → k_min–k_max directions ... in each of its N segments", or for a ResNet the channels each stream kept."""
+    reductions = getattr(model.config, "reductions", None) or {}
+    channels = [reductions[path]["width"] for path in sorted(reductions)
+                if reductions[path].get("kind") == "residual_channels"]
+    if channels:
+        return f"whole channels kept in {len(channels)} streams, in depth order: {', '.join(map(str, channels))}"
+    kept = sorted(e["width"] - 1 for e in reductions.values() if e.get("kind") == "residual" and e.get("width"))
     if not kept:
         return None
     d = getattr(model.config, "hidden_size", None)
     span = f"{kept[0]}" if kept[0] == kept[-1] else f"{kept[0]}–{kept[-1]}"
-    return f"{d} → {span} directions (plus the per-token mean) in each of its {len(kept)} segments"
+    return (f"between every two LayerNorms, {d} → {span} directions (plus the per-token mean) in each of its "
+            f"{len(kept)} segments")
 
 
 def _base_parameters(model: RMTKDPreTrainedModel) -> int:

@@ -163,8 +163,9 @@ class RMTKDTrainingArguments(TrainingArguments):
             "fewest heads holding the kept fraction of the attention output's signal, so attention itself gets "
             "cheaper, which low_rank cannot do), 'residual' (post-LayerNorm encoders: BERT, RoBERTa, DistilBERT, "
             "...; in the first round, before the cuts inside the layers, narrow the residual stream between every "
-            "two LayerNorms to its "
-            "outlier count, so every Linear, norm and residual add gets narrower). Sites whose kind is not listed "
+            "two LayerNorms to its outlier count, so every Linear, norm and residual add gets narrower; on a "
+            "ResNet, keep each residual stream's outlier count of whole channels, so every convolution, "
+            "BatchNorm, pooling and residual add on it gets narrower). Sites whose kind is not listed "
             "are left alone.",
             "choices": list(KINDS),
         },

@@ -43,8 +43,8 @@ from ..modeling.layers_rmtkd import get_submodule, plan_residual_channels, set_s
 from ..spectrum import count_outliers
 from .ffn_width import _set_consumer, _slice_producer, reconstruction_map, select_neurons
 
-__all__ = ["CHANNEL_STREAM_MODEL_TYPES", "ChannelStream", "channel_streams", "cut_residual_channels",
-           "keep_stream_channels"]
+__all__ = ["CHANNEL_STREAM_MODEL_TYPES", "ChannelStream", "channel_stream_entry", "channel_streams",
+           "cut_residual_channels", "keep_stream_channels"]
 
 CHANNEL_STREAM_MODEL_TYPES = ("resnet",)
 
@@ -123,6 +123,12 @@ def stream_spectrum(statistics: dict, stream: ChannelStream, effective_samples: 
     return eigenvalues.flip(0), eigenvectors.flip(1), n
 
 
+def channel_stream_entry(stream: ChannelStream, width: int) -> dict:
+    """The reduction-map entry (shapes only) of ``stream`` kept to ``width`` channels; keyed by its first writer."""
+    return {"kind": "residual_channels", "width": width, "writers": list(stream.writers),
+            "readers": list(stream.readers)}
+
+
 @torch.no_grad()
 def keep_stream_channels(model: nn.Module, stream: ChannelStream, keep: torch.Tensor, statistics: dict,
                          ridge: float = 1e-6) -> dict:
@@ -138,8 +144,7 @@ def keep_stream_channels(model: nn.Module, stream: ChannelStream, keep: torch.Te
     Returns:
         The reduction-map entry, keyed by the stream's first writer in the map.
     """
-    entry = {"kind": "residual_channels", "width": int(keep.numel()), "writers": list(stream.writers),
-             "readers": list(stream.readers)}
+    entry = channel_stream_entry(stream, int(keep.numel()))
     new = plan_residual_channels(model, stream.writers[0], entry)
     for writer in stream.writers:
         _slice_producer(get_submodule(model, writer), new[writer], keep)
