@@ -2,12 +2,15 @@
 
 The deployed form folds every BatchNorm into the convolution before it (`hf_rmtkd.fold_batchnorm`). It is also timed
 in PyTorch's channels-last memory format (weights and images), the layout its CPU convolution and pooling kernels are
-fastest in: in the default layout the stem's max pooling alone takes 28 to 33% of either model's time, a cost
-the cut cannot touch, which holds the speed-up far below the FLOP ratio.
+fastest in: in the default layout the stem's max pooling alone takes 27 to 34% of any of these models' time, a cost
+the default cut cannot touch (only the opt-in residual kind narrows the stem's channels), which holds the speed-up
+far below the FLOP ratio.
 
 Speed depends on shapes only, so the RMT-KD model is rebuilt from the shapes the ``rmtkd`` row's round log records
-(`shapes.rmtkd_shaped_model`, fresh weights), next to the cached teacher. Each pair is timed alternately in this
-process (`hf_rmtkd.bench.compare_speed`, medians), on the benchmark's timing input (random 1x28x28 images).
+(`shapes.rmtkd_shaped_model`, fresh weights), next to the cached teacher; so is the opt-in ``rmtkd_residual`` row's,
+whose residual streams keep fewer channels (the stem's, which the max pooling reads, among them), where it was run.
+Each pair is timed alternately in this process (`hf_rmtkd.bench.compare_speed`, medians), on the benchmark's timing
+input (random 1x28x28 images).
 
 Usage (after the vision benchmark wrote ``results/resnet_mnist.json``):
     python benchmarks/fold_speed.py [--runs 100] [--threads 1]
@@ -68,12 +71,14 @@ def main() -> None:
     torch.set_num_threads(options.threads)
 
     teacher = ResNetForImageClassification.from_pretrained(vision.teacher_cache()).eval()
-    row = json.loads((RESULTS / "resnet_mnist.json").read_text())["rows"]["rmtkd"]
-    rmtkd = rmtkd_shaped_model(teacher, row["log"]).eval()
-    folded = {name: hf_rmtkd.fold_batchnorm(copy.deepcopy(model)).eval()
-              for name, model in (("teacher", teacher), ("rmtkd", rmtkd))}
+    rows = json.loads((RESULTS / "resnet_mnist.json").read_text())["rows"]
+    trained = {"teacher": teacher, "rmtkd": rmtkd_shaped_model(teacher, rows["rmtkd"]["log"]).eval()}
+    if "rmtkd_residual" in rows:  # the opt-in row: its streams keep fewer channels
+        trained["rmtkd_residual"] = rmtkd_shaped_model(teacher, rows["rmtkd_residual"]["log"]).eval()
+    folded = {name: hf_rmtkd.fold_batchnorm(copy.deepcopy(model)).eval() for name, model in trained.items()}
     channels_last = {name: ChannelsLast(model) for name, model in folded.items()}
     batch = vision.image_inputs(32)
+    rmtkd = trained["rmtkd"]
     pairs = {"trained form, teacher vs rmtkd": (teacher, rmtkd),
              "deployed form, teacher vs rmtkd": (folded["teacher"], folded["rmtkd"]),
              "deployed form in channels-last, teacher vs rmtkd": (channels_last["teacher"], channels_last["rmtkd"]),
@@ -81,6 +86,11 @@ def main() -> None:
              "teacher, trained vs deployed": (teacher, folded["teacher"]),
              "rmtkd, trained vs deployed": (rmtkd, folded["rmtkd"]),
              "trained teacher vs deployed rmtkd": (teacher, folded["rmtkd"])}
+    if "rmtkd_residual" in trained:
+        pairs.update({
+            "trained form, teacher vs rmtkd_residual": (teacher, trained["rmtkd_residual"]),
+            "deployed form in channels-last, teacher vs rmtkd_residual": (channels_last["teacher"],
+                                                                          channels_last["rmtkd_residual"])})
     result = {"batch_size": 32, "threads": options.threads, "runs": options.runs, "pairs": {}}
     for name, (first, second) in pairs.items():
         speed = compare_speed(first, second, batch, runs=options.runs, warmup=5)
