@@ -134,6 +134,12 @@ class Site:
     channel_dim: int = -1
 
 
+def unique_module_path(model: nn.Module, suffix: str) -> str | None:
+    """The path of the one module of ``model`` named ``suffix`` or ending in ``.suffix``; None if none or several."""
+    matches = [name for name, _ in model.named_modules() if name == suffix or name.endswith(f".{suffix}")]
+    return matches[0] if len(matches) == 1 else None
+
+
 def _model_type(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)

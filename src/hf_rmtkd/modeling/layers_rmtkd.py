@@ -486,12 +486,7 @@ def plan_residual(model: nn.Module, path: str, entry: dict, device=None) -> dict
     full_input = entry.get("input_width") is None
     plan = {path: ReducedLayerNorm(d, widths["input_width"], widths["width"], full_input=full_input, eps=norm.eps,
                                    **_factory(norm, device))}
-    for reader in entry.get("readers", []):
-        module = get_submodule(model, reader)
-        if consumer_width(reader, module) != d:
-            raise ValueError(f"residual entry for '{path}': reader '{reader}' reads {consumer_width(reader, module)} "
-                             f"features, not the stream's {d}.")
-        plan[reader] = _with_input_width(module, widths["width"], device)
+    plan.update(_resized(model, path, "residual", "reader", entry.get("readers", []), d, widths["width"], device))
     for writer in entry.get("writers", []):
         module = get_submodule(model, writer)
         if not isinstance(module, nn.Linear) or module.out_features != d:
@@ -509,19 +504,26 @@ def plan_residual_channels(model: nn.Module, path: str, entry: dict, device=None
                          "module paths.")
     d = producer_width(writers[0], get_submodule(model, writers[0]))
     width = _check_rank(path, entry.get("width"), d, "'width'")
+    return {**_resized(model, path, "residual_channels", "writer", writers, d, width, device),
+            **_resized(model, path, "residual_channels", "reader", readers, d, width, device)}
+
+
+def _resized(model: nn.Module, entry_path: str, kind: str, role: str, paths, d: int, width: int,
+             device=None) -> dict[str, nn.Module]:
+    """``{path: module}`` for a stream's readers (input resized) or writers (output resized) from ``d`` to ``width``.
+
+    Raises:
+        ValueError: a module does not read (write) the stream's ``d`` features; the message names it.
+    """
+    measure, resize, verb = ((consumer_width, _with_input_width, "reads") if role == "reader"
+                             else (producer_width, _with_output_width, "outputs"))
     plan = {}
-    for writer in writers:
-        module = get_submodule(model, writer)
-        if producer_width(writer, module) != d:
-            raise ValueError(f"residual_channels entry for '{path}': writer '{writer}' outputs "
-                             f"{producer_width(writer, module)} channels, not the stream's {d}.")
-        plan[writer] = _with_output_width(module, width, device)
-    for reader in readers:
-        module = get_submodule(model, reader)
-        if consumer_width(reader, module) != d:
-            raise ValueError(f"residual_channels entry for '{path}': reader '{reader}' reads "
-                             f"{consumer_width(reader, module)} channels, not the stream's {d}.")
-        plan[reader] = _with_input_width(module, width, device)
+    for path in paths:
+        module = get_submodule(model, path)
+        if measure(path, module) != d:
+            raise ValueError(f"{kind} entry for '{entry_path}': {role} '{path}' {verb} {measure(path, module)} "
+                             f"features, not the stream's {d}.")
+        plan[path] = resize(module, width, device)
     return plan
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import Site
+from ..architectures import Site, unique_module_path
 from ..calibration import collect_statistics
 from ..modeling.layers_rmtkd import get_submodule, plan_residual, set_submodule
 from ..spectrum import count_outliers
@@ -97,9 +97,8 @@ def stream_segments(model: nn.Module) -> list[StreamSegment]:
         ValueError: the model is not one of those encoders.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    names = dict(model.named_modules())
-    embedding_norms = [n for n in names if n == "embeddings.LayerNorm" or n.endswith(".embeddings.LayerNorm")]
-    if model_type not in POST_NORM_LAYOUTS or len(embedding_norms) != 1:
+    embedding_norm = unique_module_path(model, "embeddings.LayerNorm")
+    if model_type not in POST_NORM_LAYOUTS or embedding_norm is None:
         raise ValueError(
             f"The residual kind narrows post-LayerNorm encoders (model types {list(POST_NORM_MODEL_TYPES)}) and "
             f"ResNets ({list(CHANNEL_STREAM_MODEL_TYPES)}); "
@@ -107,13 +106,14 @@ def stream_segments(model: nn.Module) -> list[StreamSegment]:
             "model."
         )
     layout = POST_NORM_LAYOUTS[model_type]
-    prefix = embedding_norms[0][: -len("embeddings.LayerNorm")]
+    names = dict(model.named_modules())
+    prefix = embedding_norm[: -len("embeddings.LayerNorm")]
     layer = lambda i, name: f"{prefix}{layout.layers}.{i}.{name}"  # noqa: E731
     depth = 0
     while f"{prefix}{layout.layers}.{depth}" in names:
         depth += 1
     segments = []
-    norm = embedding_norms[0]
+    norm = embedding_norm
     for i in range(depth):
         attention_norm, output_norm = layer(i, layout.attention_norm), layer(i, layout.output_norm)
         segments.append(StreamSegment(norm, attention_norm, tuple(layer(i, p) for p in layout.qkv),

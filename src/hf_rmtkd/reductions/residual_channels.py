@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import Site
+from ..architectures import Site, unique_module_path
 from ..calibration import collect_statistics
 from ..modeling.layers_rmtkd import get_submodule, plan_residual_channels, set_submodule
 from ..spectrum import count_outliers
@@ -74,16 +74,14 @@ def channel_streams(model: nn.Module) -> list[ChannelStream]:
         ValueError: the model is not a transformers ResNet.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    stem = unique_module_path(model, "embedder.embedder")
+    if model_type not in CHANNEL_STREAM_MODEL_TYPES or stem is None:
+        raise ValueError(f"channel_streams reads transformers ResNets (model types {list(CHANNEL_STREAM_MODEL_TYPES)})"
+                         f"; {type(model).__name__} has model_type {model_type!r}.")
     names = dict(model.named_modules())
-    stems = [n for n in names if n == "embedder.embedder" or n.endswith(".embedder.embedder")]
-    if model_type not in CHANNEL_STREAM_MODEL_TYPES or len(stems) != 1:
-        raise ValueError(
-            f"channel_streams reads transformers ResNets (model types {list(CHANNEL_STREAM_MODEL_TYPES)}); "
-            f"{type(model).__name__} has model_type {model_type!r}."
-        )
-    prefix = stems[0][: -len("embedder.embedder")]
+    prefix = stem[: -len("embedder.embedder")]
     streams = []
-    writers, reads = [f"{stems[0]}.convolution", f"{stems[0]}.normalization"], []
+    writers, reads = [f"{stem}.convolution", f"{stem}.normalization"], []
     stage = 0
     while f"{prefix}encoder.stages.{stage}" in names:
         block = 0
