@@ -17,6 +17,7 @@ Run (each fold's teacher trains once, about 2.5 min, then is cached; each run ta
       python vision_sweep.py --fold $fold --seed $seed --estimator mp_quantile
       python vision_sweep.py --fold $fold --seed $seed --estimator mp_quantile --quantile 0.3
       python vision_sweep.py --fold $fold --seed $seed --cost-split 0.1
+      python vision_sweep.py --fold $fold --seed $seed --residual                   # the opt-in residual kind
     done; done
     python vision_folds.py                     # prints the table, writes results/vision_folds.json
 """
@@ -39,7 +40,7 @@ OUTPUT = Path(__file__).resolve().parent / "results" / "vision_folds.json"
 # What tells one setting from another in a sweep record; the rest (seed, fold, scores, sizes, times) is per run.
 SETTING_KEYS = ("row", "quantile", "estimator", "target_search", "sites_per_round", "steps", "final_steps",
                 "max_metric_drop", "learning_rate", "alpha", "hidden_weight", "kd_steps", "teacher_learning_rate",
-                "teacher_epochs")
+                "teacher_epochs", "kinds")
 _LIBRARY = RMTKDTrainingArguments.__dataclass_fields__
 REFERENCE = {"row": "rmtkd", "quantile": vision.SPECTRUM_QUANTILE, "estimator": vision.SPECTRUM_ESTIMATOR,
              "target_search": _LIBRARY["target_search"].default,
@@ -50,7 +51,7 @@ REFERENCE = {"row": "rmtkd", "quantile": vision.SPECTRUM_QUANTILE, "estimator": 
 SHARED = {"alpha": _LIBRARY["distillation_alpha"].default,
           "hidden_weight": _LIBRARY["distillation_hidden_weight"].default, "kd_steps": KD_STEPS,
           "teacher_learning_rate": vision.TEACHER_SETTINGS["learning_rate"],
-          "teacher_epochs": vision.TEACHER_SETTINGS["epochs"]}
+          "teacher_epochs": vision.TEACHER_SETTINGS["epochs"], "kinds": vision.KINDS}
 
 
 def setting_of(record: dict) -> dict:

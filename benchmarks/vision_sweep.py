@@ -96,6 +96,8 @@ def main() -> None:
                         "benchmark's target, one-shot cut, distilled for --kd-steps steps")
     parser.add_argument("--kd-steps", type=int, default=KD_STEPS,
                         help="with --pca-energy-params or --cost-split: distillation steps")
+    parser.add_argument("--residual", action="store_true",
+                        help="the opt-in 'residual' kind before the default kinds (the rmtkd_residual row)")
     parser.add_argument("--fold", type=int, default=None,
                         help=f"validate on this of {vision.FOLDS} folds of the 4,000 training images (800), with a "
                         "teacher trained on the others (cached per fold), instead of the benchmark's 500 images")
@@ -139,7 +141,9 @@ def main() -> None:
                         "validation_accuracy": evaluate_accuracy(model, data["validation"]), **teacher_record,
                         **teacher_agreement(model, teacher, data["validation"], None),
                         "seconds": round(time.perf_counter() - start, 1)})
-    args = vision._rmtkd_args(budget, options.seed, quantile=options.quantile, estimator=options.estimator)
+    kinds = ("residual", *vision.KINDS) if options.residual else tuple(vision.KINDS)
+    args = vision._rmtkd_args(budget, options.seed, quantile=options.quantile, estimator=options.estimator,
+                              kinds=kinds)
     args.max_metric_drop, args.learning_rate = options.max_metric_drop, options.learning_rate
     if options.target_search is not None:
         args.target_search = options.target_search
@@ -156,6 +160,7 @@ def main() -> None:
               "target_search": args.target_search,
               "alpha": args.distillation_alpha,
               "hidden_weight": args.distillation_hidden_weight,
+              **({"kinds": list(kinds)} if options.residual else {}),  # absent: the defaults, as in earlier records
               "threads": options.threads, "params": model.num_parameters(),
               "target_params": round(vision.TARGET_PARAMS * teacher.num_parameters()),
               "stop_reason": info["stop_reason"], "accepted_rounds": info["accepted_rounds"],
