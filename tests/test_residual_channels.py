@@ -5,7 +5,14 @@ import copy
 import pytest
 import torch
 from test_trainer import assert_reloads_the_same, common_args, teacher_for
-from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification, ResNetModel
+from tiny_models import tiny_model
+from transformers import (
+    AutoModelForImageClassification,
+    ResNetBackbone,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ResNetModel,
+)
 
 import hf_rmtkd
 from hf_rmtkd.batchnorm_folding import fold_batchnorm
@@ -78,6 +85,19 @@ def test_streams_run_between_projection_shortcuts(overrides, head, first_writers
     for stream in streams[1:]:
         assert all(w.endswith(("shortcut.convolution", "shortcut.normalization")) or f".{last_conv}." in w
                    for w in stream.writers), stream.writers
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ResNetBackbone(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1])),
+         r"ResNetBackbone returns the feature maps of stages \['stage2'\]"),
+        (lambda: tiny_model("vit"), "channel_streams reads transformers ResNets .* model_type 'vit'"),
+    ],
+)
+def test_models_whose_streams_cannot_be_cut_are_refused_by_name(build, message):
+    with pytest.raises(ValueError, match=message):
+        channel_streams(build())
 
 
 def test_keeping_every_channel_keeps_the_function():

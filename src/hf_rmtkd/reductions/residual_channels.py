@@ -71,13 +71,17 @@ def channel_streams(model: nn.Module) -> list[ChannelStream]:
     """The residual streams of a transformers ResNet, in depth order (see the module docstring).
 
     Raises:
-        ValueError: the model is not a transformers ResNet.
+        ValueError: the model is not a transformers ResNet, or is a backbone (its stage outputs keep their widths).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     stem = unique_module_path(model, "embedder.embedder")
     if model_type not in CHANNEL_STREAM_MODEL_TYPES or stem is None:
         raise ValueError(f"channel_streams reads transformers ResNets (model types {list(CHANNEL_STREAM_MODEL_TYPES)})"
                          f"; {type(model).__name__} has model_type {model_type!r}.")
+    if hasattr(model, "out_features"):  # a backbone: its stages' feature maps are its outputs, widths and all
+        raise ValueError(f"{type(model).__name__} returns the feature maps of stages {model.out_features}, whose "
+                         "channels the heads reading them expect; the residual kind cuts a classifier or a plain "
+                         "ResNetModel. Leave 'residual' out of reduction_kinds for a backbone.")
     names = dict(model.named_modules())
     prefix = stem[: -len("embedder.embedder")]
     streams = []
