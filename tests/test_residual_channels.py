@@ -211,3 +211,30 @@ def test_trainer_narrows_the_streams_in_the_first_round_and_the_result_reloads(t
     assert "residual_channels" in {e["kind"] for e in trainer.model.config.reductions.values()}
     assert trainer.model.num_parameters() <= round(0.5 * entry["params_before"])
     assert_reloads_the_same(trainer, tmp_path / "final", test, AutoModelForImageClassification)
+
+
+def test_a_run_resumes_after_its_streams_were_cut(tmp_path):
+    # Round 1 cuts the streams (and sites inside); a run resumed from its checkpoint rebuilds the narrowed ResNet
+    # from the map and goes on cutting inside it, never cutting the streams twice.
+    teacher, train, test, metrics = teacher_for("resnet", tmp_path)
+
+    def trainer(rounds, model):
+        args = RMTKDTrainingArguments(
+            **common_args(tmp_path / "run"), sites_per_round=1, max_rounds=rounds, distillation_steps_per_round=2,
+            min_rank=2, max_metric_drop=1.0, reduction_kinds=["residual", "ffn_width"], final_distillation_steps=0,
+        )
+        return RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+
+    first = trainer(1, copy.deepcopy(teacher))
+    first.train()
+    streams = {path: entry for path, entry in first.model.config.reductions.items()
+               if entry["kind"] == "residual_channels"}
+    assert streams
+    resumed = trainer(2, copy.deepcopy(teacher))
+    resumed.train(resume_from_checkpoint=True)
+    assert [entry["round"] for entry in resumed.rmtkd_log] == [1, 2]
+    assert all(site["kind"] != "residual" for site in resumed.rmtkd_log[1]["sites"].values())
+    reductions = resumed.model.config.reductions
+    assert {path: reductions[path] for path in streams} == streams
+    assert len(reductions) > len(first.model.config.reductions)  # round 2 cut inside the narrowed layers
+    assert_reloads_the_same(resumed, tmp_path / "final", test, AutoModelForImageClassification)
