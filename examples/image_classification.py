@@ -8,10 +8,14 @@ the Hub (its ``img`` column becomes ``pixel_values``). ``--teacher`` takes an al
 
 RMT-KD reduces the bottleneck blocks' inner channel counts (the ``conv_inner`` sites): the 1x1 and 3x3 convolutions
 that produce them keep only as many channels as their covariance has eigenvalues above the Marchenko-Pastur edge.
-Every `hf_rmtkd.RMTKDTrainingArguments` field is a flag too (see ``--help``).
+With ``--reduction_kinds residual ffn_width low_rank`` it first keeps each residual stream's outlier count of whole
+channels (the stem's output among them), which makes the model faster for the same size. Every
+`hf_rmtkd.RMTKDTrainingArguments` field is a flag too (see ``--help``).
 
 Example:
     python examples/image_classification.py --output-dir image_out --teacher-epochs 3
+    python examples/image_classification.py --output-dir image_out --teacher-epochs 3 \
+        --reduction_kinds residual ffn_width low_rank
 """
 
 from __future__ import annotations
