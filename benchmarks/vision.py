@@ -10,8 +10,10 @@ distillation from the uncut teacher) cuts the bottleneck blocks' inner channels 
 the only sites the ResNet role table has). Baselines, where they apply to a CNN: truncated SVD of every encoder
 convolution at one kept fraction of its input channels, activation PCA at one energy threshold, both sized to RMT-KD's
 parameter count and distilled as long as RMT-KD trained; the same rounds without distillation; a τ sweep with no
-target. Layer dropping is not run: the blocks that could be dropped (the second of each stage) carry no embedding-like
-bulk to trade against, and the issue asks for the baselines "where they apply".
+target; and RMT-KD with the opt-in ``residual`` kind (each residual stream first keeps its outlier count of whole
+channels), at its own τ chosen by cross-validation. Layer dropping is not run: the blocks that could be dropped (the
+second of each stage) carry no embedding-like bulk to trade against, and the issue asks for the baselines "where they
+apply".
 """
 
 from __future__ import annotations
