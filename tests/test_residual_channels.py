@@ -238,3 +238,13 @@ def test_a_run_resumes_after_its_streams_were_cut(tmp_path):
     assert {path: reductions[path] for path in streams} == streams
     assert len(reductions) > len(first.model.config.reductions)  # round 2 cut inside the narrowed layers
     assert_reloads_the_same(resumed, tmp_path / "final", test, AutoModelForImageClassification)
+
+
+def test_a_bf16_model_keeps_its_dtype_through_the_cut():
+    model = resnet().to(torch.bfloat16)
+    low_precision = [{"pixel_values": batch["pixel_values"].to(torch.bfloat16)} for batch in images()]
+    cut_residual_stream(model, low_precision, min_rank=2, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits = model(pixel_values=images(1, seed=99)[0]["pixel_values"].to(torch.bfloat16)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
