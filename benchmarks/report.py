@@ -472,15 +472,18 @@ def _at_a_glance(results: dict[str, dict], probe: dict | None) -> list[str]:
     """One line per benchmark: how many of the issue's targets its RMT-KD row meets, and each one it misses."""
     lines = ["Targets at a glance (each benchmark's section below has the measurements and the reasons):", ""]
     for name, result in results.items():
-        for row in ("rmtkd", *(OPT_IN_ROWS if set(OPT_IN_ROWS) & set(result["rows"]) else ())):
-            if row not in result["rows"]:
-                continue
+        for row in _judged_rows(result):
             checks = targets(name, result, _row_probe(probe, name, row), row)
             missed = [f"{goal}: {_first_clause(value)}" for goal, met, value in checks if not met]
             label = f"`{name}`" if row == "rmtkd" else f"`{name}`, opt-in row `{row}`"
             lines.append(f"- {label}: {len(checks) - len(missed)} of {len(checks)} met"
                          + ("; missed: " + "; ".join(missed) if missed else ""))
     return [*lines, ""]
+
+
+def _judged_rows(result: dict) -> list[str]:
+    """The rows held to the issue's targets: ``rmtkd``, then each opt-in variant the run made."""
+    return ["rmtkd", *(row for row in OPT_IN_ROWS if row in result["rows"])]
 
 
 def _row_probe(probe: dict | None, name: str, row: str) -> dict | None:
@@ -530,14 +533,10 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
             "",
             *_notes(result),
             "",
-            "Targets of the issue (measured, RMT-KD row):",
-            "",
         ]
-        lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}"
-                  for goal, met, value in targets(name, result, _row_probe(probe, name, "rmtkd"))]
-        lines.append("")
-        for row in (r for r in OPT_IN_ROWS if r in result["rows"]):
-            lines += [f"The same targets for the opt-in row `{row}` (not the library's defaults):", ""]
+        for row in _judged_rows(result):
+            lines += ["Targets of the issue (measured, RMT-KD row):" if row == "rmtkd" else
+                      f"The same targets for the opt-in row `{row}` (not the library's defaults):", ""]
             lines += [f"- {'met' if met else '**missed**'}: {goal} — {value}"
                       for goal, met, value in targets(name, result, _row_probe(probe, name, row), row)]
             lines.append("")
