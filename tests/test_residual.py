@@ -22,9 +22,11 @@ from hf_rmtkd.modeling.layers_rmtkd import ReducedLayerNorm, apply_reduction_map
 from hf_rmtkd.plan import plan_reductions
 from hf_rmtkd.reductions.residual import (
     cut_residual_stream,
+    hidden_state_coordinates,
     narrow_residual_stream,
     stream_segments,
     stream_sites,
+    stream_widths,
 )
 from hf_rmtkd.trainer import RMTKDTrainer
 from hf_rmtkd.training_args import RMTKDTrainingArguments
@@ -139,10 +141,52 @@ def test_the_stream_is_narrowed_before_other_cuts():
         narrow_residual_stream(model, statistics.accumulators, [4] * len(segments))
 
 
-def test_feature_distillation_is_refused_with_a_narrow_stream(tmp_path):
-    with pytest.raises(ValueError, match="distillation_hidden_weight must be 0 when reduction_kinds holds 'residual'"):
-        RMTKDTrainingArguments(output_dir=str(tmp_path), reduction_kinds=["residual", "low_rank"],
-                               distillation_hidden_weight=1.0)
+@pytest.mark.parametrize("rank", [12, HIDDEN - 1])
+def test_the_teachers_hidden_states_move_into_the_narrow_streams_coordinates(rank):
+    # Rebuilt from the calibration data alone, the coordinates are the cut's own: the embeddings' norm reads the full
+    # width, so the first hidden state matches exactly at any rank; with a complete basis every one does.
+    reference, model, entries = narrowed("bert", lambda n: [rank] * n)
+    coordinates = hidden_state_coordinates(reference, stream_widths(entries), calibration(), progress=False)
+    inputs = tiny_inputs("bert", batch=4, seq_len=12, seed=99)
+    with torch.no_grad():
+        student = model(**inputs, output_hidden_states=True).hidden_states
+        teacher = reference(**inputs, output_hidden_states=True).hidden_states
+    assert len(coordinates) == len(teacher) and coordinates[-1] is None
+    assert [tuple(c[0].shape) for c in coordinates[:-1]] == [(HIDDEN, rank + 1)] * (len(teacher) - 1)
+    moved = [t.double() if c is None else (t.double() - c[1]) @ c[0]
+             for t, c in zip(teacher, coordinates, strict=True)]
+    for s, t in zip(student, moved if rank == HIDDEN - 1 else moved[:1], strict=False):
+        torch.testing.assert_close(s.double(), t, atol=1e-4, rtol=1e-4)
+
+
+def test_feature_distillation_compares_a_narrow_stream_in_its_coordinates_and_resumes(tmp_path):
+    teacher, train, test, metrics = teacher_for("bert", tmp_path)
+
+    def trainer(rounds, final_steps, model):
+        args = RMTKDTrainingArguments(
+            **common_args(tmp_path / "run"), sites_per_round=64, max_rounds=rounds, distillation_steps_per_round=2,
+            min_rank=2, max_metric_drop=1.0, distillation_hidden_weight=1.0, final_distillation_steps=final_steps,
+            reduction_kinds=["residual", "ffn_width"],
+        )
+        return RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+
+    first = trainer(1, 0, copy.deepcopy(teacher))
+    first.train()
+    assert first.rmtkd_log[0]["accepted"] and "residual" in {s["kind"] for s in first.rmtkd_log[0]["sites"].values()}
+    batch = {k: torch.tensor(v) for k, v in train[:8].items()}
+    first.teacher = hf_rmtkd.distillation.teacher_copy(teacher)  # the uncut model: a wider stream than the student's
+    with torch.no_grad():
+        with_features = first.compute_loss(first.model.train(), dict(batch))
+        first.args.distillation_hidden_weight = 0.0
+        logits_only = first.compute_loss(first.model, dict(batch))
+    assert torch.isfinite(with_features) and with_features > logits_only
+    # The round folder keeps the coordinates: a resumed run's final phase, from the uncut model, uses the same ones.
+    assert (tmp_path / "run" / "rmtkd-round-1" / "stream_coordinates.safetensors").exists()
+    resumed = trainer(2, 2, copy.deepcopy(teacher))
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.rmtkd_final is not None
+    for ours, theirs in zip(resumed._stream_coordinates, first._stream_coordinates, strict=True):
+        assert (ours is None and theirs is None) or all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_trainer_narrows_the_stream_in_the_first_round_and_the_result_reloads(tmp_path):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_trainer import assert_reloads_the_same, common_args, teacher_for
+from test_trainer import CASES, assert_reloads_the_same, common_args, teacher_for
 from tiny_models import tiny_model
 from transformers import (
     AutoModelForImageClassification,
@@ -211,6 +211,15 @@ def test_trainer_narrows_the_streams_in_the_first_round_and_the_result_reloads(t
     assert "residual_channels" in {e["kind"] for e in trainer.model.config.reductions.values()}
     assert trainer.model.num_parameters() <= round(0.5 * entry["params_before"])
     assert_reloads_the_same(trainer, tmp_path / "final", test, AutoModelForImageClassification)
+
+
+def test_feature_distillation_with_narrowed_streams_is_refused_by_name(tmp_path):
+    build, task, metrics, _ = CASES["resnet"]
+    args = RMTKDTrainingArguments(**common_args(tmp_path), reduction_kinds=["residual", "ffn_width"],
+                                  distillation_hidden_weight=1.0)
+    with pytest.raises(ValueError, match="distillation_hidden_weight must be 0 .* on a resnet model"):
+        RMTKDTrainer(model=build(), args=args, train_dataset=task(8, 0), eval_dataset=task(8, 1),
+                     compute_metrics=metrics)
 
 
 def test_a_run_resumes_after_its_streams_were_cut(tmp_path):

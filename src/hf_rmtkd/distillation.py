@@ -15,7 +15,8 @@ batch. This is how transformers normalises its own token-level losses.
 
 An optional feature term (not in the paper, off by default) adds ``β · hidden_state_loss``: the default kinds never
 narrow the residual stream, so every hidden state of the student has the teacher's shape and can be matched one to
-one (with the ``residual`` kind they cannot, and the arguments refuse the term).
+one. With the ``residual`` kind the student holds each hidden state in the coordinates z = Bᵀ(y − μ) of its stream's
+kept directions, and the teacher's are moved into them first (`hidden_state_coordinates`).
 Another (also off by default) adds the teacher term on a copy of each text batch with some tokens changed: masked
 (`mask_tokens`) or swapped for one of their nearest tokens in the teacher's input embedding (`substitute_tokens`,
 TinyBERT's word substitution): inputs the data does not hold, labelled by the teacher. A third (off by default)
@@ -169,6 +170,7 @@ def hidden_state_loss(
     student_hidden: tuple[torch.Tensor, ...],
     teacher_hidden: tuple[torch.Tensor, ...],
     attention_mask: torch.Tensor | None = None,
+    teacher_coordinates: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
     """Mean squared error between matching hidden states, over real tokens, averaged over the layers.
 
@@ -176,8 +178,11 @@ def hidden_state_loss(
 
     Args:
         student_hidden, teacher_hidden: ``output_hidden_states`` of both models, the same number of tensors of the
-            same shapes ((batch, tokens, d) for text, (batch, channels, h, w) for images).
+            same shapes ((batch, tokens, d) for text, (batch, channels, h, w) for images), unless
+            ``teacher_coordinates`` maps the teacher's to the student's.
         attention_mask: (batch, tokens), 1 on real tokens; None counts every position.
+        teacher_coordinates: per hidden state, (B, μ) to compare the student's with Bᵀ(y − μ) of the teacher's y (a
+            narrowed residual stream's coordinates, `hidden_state_coordinates`), or None to compare them as they are.
 
     Returns:
         A scalar tensor (float32 or wider).
@@ -190,8 +195,15 @@ def hidden_state_loss(
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"hidden_state_loss: the student has {len(student_hidden)} hidden states, the teacher "
                          f"{len(teacher_hidden)}; feature distillation needs the same depth.")
+    if teacher_coordinates is not None and len(teacher_coordinates) != len(teacher_hidden):
+        raise ValueError(f"hidden_state_loss: {len(teacher_coordinates)} coordinate maps for {len(teacher_hidden)} "
+                         "hidden states.")
     losses = []
     for i, (s, t) in enumerate(zip(student_hidden, teacher_hidden, strict=True)):
+        if teacher_coordinates is not None and teacher_coordinates[i] is not None:
+            basis, mean = teacher_coordinates[i]
+            t = _at_least_float32(t)
+            t = (t - mean.to(t)) @ basis.to(t)
         if s.shape != t.shape:
             raise ValueError(f"hidden_state_loss: hidden state {i} is {tuple(s.shape)} in the student and "
                              f"{tuple(t.shape)} in the teacher.")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import TrainOutput
@@ -50,6 +52,8 @@ from .hub import push_model
 from .modeling.modeling_rmtkd import RMTKDForCausalLM, rmtkd_class_for
 from .plan import Plan, keep_signal_fraction, plan_reductions, quantile_for_savings, signal_fraction_for_savings
 from .reductions import cut_residual_stream, token_ids_used
+from .reductions.residual import hidden_state_coordinates, stream_widths
+from .reductions.residual_channels import CHANNEL_STREAM_MODEL_TYPES
 from .training_args import RMTKDTrainingArguments
 from .utils import tokenizer_with, write_text_atomic
 
@@ -58,6 +62,7 @@ __all__ = ["RMTKDTrainer"]
 logger = logging.get_logger(__name__)
 
 STATE_FILE = "rmtkd_state.json"
+COORDINATES_FILE = "stream_coordinates.safetensors"
 LOG_FILE = "rmtkd_log.json"
 ROUND_PREFIX = "rmtkd-round-"
 
@@ -92,6 +97,12 @@ class RMTKDTrainer(Trainer):
         if self.eval_dataset is None:
             raise ValueError("RMTKDTrainer needs an eval_dataset: rounds are accepted or rolled back on its metric.")
         self.calibration_dataset = calibration_dataset
+        model_type = getattr(getattr(base_of(self.model), "config", None), "model_type", None)
+        if args.distillation_hidden_weight and "residual" in args.reduction_kinds \
+                and model_type in CHANNEL_STREAM_MODEL_TYPES:
+            raise ValueError(f"distillation_hidden_weight must be 0 when reduction_kinds holds 'residual' on a "
+                             f"{model_type} model: the hidden states of a ResNet whose streams keep fewer channels "
+                             "have no feature term yet.")
         # Always count the real label tokens of each accumulated batch, whatever the model's forward accepts.
         self.model_accepts_loss_kwargs = True
         self.teacher: nn.Module | None = None
@@ -105,6 +116,7 @@ class RMTKDTrainer(Trainer):
         self._signal_fraction = 1.0
         self._kept_tokens: list[int] | None = None
         self._neighbours: torch.Tensor | None = None  # distillation_copy_tokens='neighbours': (V, k) token ids
+        self._stream_coordinates: list | None = None  # the narrowed stream's (B, μ) per hidden state
         self.rmtkd_final: dict | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -172,9 +184,26 @@ class RMTKDTrainer(Trainer):
             # A per-batch mean, added after the rescaling above (DDP's average is right for it); divided by the
             # accumulation steps so the accumulated batch weighs it once.
             feature_loss = hidden_state_loss(outputs.hidden_states, teacher_outputs.hidden_states,
-                                             features.get("attention_mask"))
+                                             features.get("attention_mask"), self._teacher_coordinates())
             loss = loss + self.args.distillation_hidden_weight * feature_loss / self.args.gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_coordinates(self) -> list | None:
+        """How the teacher's hidden states map into the coordinates of the student's narrowed residual stream
+        (`hidden_state_coordinates`); None when both streams have the same widths (after the round that cut it)."""
+        widths = stream_widths(getattr(self.accelerator.unwrap_model(self.model).config, "reductions", None))
+        if widths == stream_widths(getattr(self.teacher.config, "reductions", None)):
+            return None
+        if self._stream_coordinates is None:  # a resumed run whose round folder did not keep them
+            self._stream_coordinates = self._coordinates_of(self.teacher, widths)
+        return self._stream_coordinates
+
+    def _coordinates_of(self, uncut: nn.Module, widths: dict[str, int]) -> list:
+        """`hidden_state_coordinates` of the model whose stream was cut to ``widths``, on the calibration data."""
+        a = self.args
+        return hidden_state_coordinates(base_of(uncut), widths, self._calibration_loader(),
+                                        max_tokens=a.calibration_max_tokens, accelerator=self.accelerator,
+                                        progress=not a.disable_tqdm)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean CE and KL parts of the distillation loss to every training log."""
@@ -424,6 +453,8 @@ class RMTKDTrainer(Trainer):
             narrows = self._stream_cut_due(set(state["excluded"]))
             snapshot = teacher_copy(self.model) if narrows else None
             stream_entries, stream_sites = self._narrow_stream() if narrows else ({}, {})
+            if narrows and args.distillation_hidden_weight:  # the feature term needs the stream's coordinates
+                self._stream_coordinates = self._coordinates_of(snapshot, stream_widths(stream_entries))
             measurements = self._measure()
             needed = self.model.num_parameters() - target if target is not None else 0
             if narrows and target is not None and needed <= 0:
@@ -475,6 +506,8 @@ class RMTKDTrainer(Trainer):
             }
             if not accepted:
                 self._restore(self.teacher)
+                if narrows:
+                    self._stream_coordinates = None
                 state["excluded"] += [c.site for c in plan.cuts] + (["residual"] if narrows else [])
                 logger.warning(f"Round {state['round']} rolled back: {reason}.")
             self.teacher = None
@@ -536,6 +569,10 @@ class RMTKDTrainer(Trainer):
             return
         final = output / f"{ROUND_PREFIX}{state['round']}"
         self._write_checkpoint(final, report=None)  # no plots per round: they are for the final model
+        if self._stream_coordinates is not None:  # the feature term's coordinates, for a resumed run
+            save_file({f"{part}.{i}": tensor.contiguous() for i, pair in enumerate(self._stream_coordinates)
+                       if pair is not None for part, tensor in zip(("basis", "mean"), pair, strict=True)},
+                      str(final / COORDINATES_FILE), metadata={"hidden_states": str(len(self._stream_coordinates))})
         # The state file goes last: a round folder without it is incomplete and `resume` skips it.
         _write_json_atomic(final / STATE_FILE, state)
 
@@ -627,5 +664,11 @@ class RMTKDTrainer(Trainer):
         cls = rmtkd_class_for(base) if saved_type == "rmtkd" else type(base)
         model = cls.from_pretrained(str(path))
         self.model = self.model_wrapped = model.to(self.args.device)
+        if (path / COORDINATES_FILE).exists():
+            with safe_open(str(path / COORDINATES_FILE), framework="pt") as saved:
+                count = int(saved.metadata()["hidden_states"])
+                self._stream_coordinates = [
+                    (saved.get_tensor(f"basis.{i}"), saved.get_tensor(f"mean.{i}")) if f"basis.{i}" in saved.keys()
+                    else None for i in range(count)]
         logger.info(f"Resumed RMT-KD at round {state['round']} from {path}.")
         return state

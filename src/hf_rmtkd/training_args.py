@@ -242,8 +242,9 @@ class RMTKDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Weight beta of a feature term added to the distillation loss: the mean squared error between "
             "the student's and the teacher's hidden states (each layer's error relative to the teacher's mean "
-            "square, real tokens only). RMT-KD never narrows the residual stream, so the states match one to one. "
-            ">= 0; 0 (the paper's loss, logits only) turns it off."
+            "square, real tokens only). With the 'residual' kind on a post-LayerNorm encoder the teacher's states are "
+            "first moved into the coordinates of the student's narrowed stream. >= 0; 0 (the paper's loss, logits "
+            "only) turns it off."
         },
     )
     distillation_temperature: float = field(
@@ -445,10 +446,6 @@ class RMTKDTrainingArguments(TrainingArguments):
                       "be >= 0")
         self._require("distillation_hidden_weight",
                       _is_number(self.distillation_hidden_weight) and self.distillation_hidden_weight >= 0, "be >= 0")
-        narrows_stream = isinstance(self.reduction_kinds, list) and "residual" in self.reduction_kinds
-        self._require("distillation_hidden_weight", not (narrows_stream and self.distillation_hidden_weight),
-                      "be 0 when reduction_kinds holds 'residual' (a narrowed stream's hidden states no longer have "
-                      "the teacher's width)")
         # stopping
         target = self.target_params
         is_ratio = _is_number(target) and 0 < target < 1

@@ -47,8 +47,8 @@ from ..spectrum import count_outliers
 from .residual_channels import CHANNEL_STREAM_MODEL_TYPES, cut_residual_channels
 
 __all__ = ["POST_NORM_LAYOUTS", "POST_NORM_MODEL_TYPES", "PostNormLayout", "StreamSegment", "cut_residual_stream",
-           "narrow_residual_stream", "stream_bases", "stream_entries", "stream_norms", "stream_segments",
-           "stream_sites"]
+           "hidden_state_coordinates", "narrow_residual_stream", "stream_bases", "stream_entries", "stream_norms",
+           "stream_segments", "stream_sites", "stream_widths"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,12 @@ def stream_entries(segments: list[StreamSegment], ranks: list[int]) -> dict[str,
     return entries
 
 
+def stream_widths(reductions: dict | None) -> dict[str, int]:
+    """``{norm path: width}`` of every narrowed stream segment in a reduction map (empty when the stream is whole)."""
+    return {norm: entry["width"] for norm, entry in (reductions or {}).items()
+            if entry.get("kind") == "residual" and entry.get("width") is not None}
+
+
 def _centred_basis(eigenvectors: torch.Tensor, k: int) -> torch.Tensor:
     """[U_k, 1/√d]: the top-k directions made exactly orthogonal to the all-ones vector, then the all-ones vector."""
     d = eigenvectors.shape[0]
@@ -246,6 +252,47 @@ def narrow_residual_stream(model: nn.Module, statistics: dict, ranks: list[int],
         for target, module in new.items():
             set_submodule(model, target, module)
     return entries
+
+
+@torch.no_grad()
+def hidden_state_coordinates(model: nn.Module, widths: dict[str, int], data, *, max_tokens: int | None = None,
+                             batch_size: int = 32, collate_fn=None, accelerator=None,
+                             progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """How each hidden state of the whole-stream ``model`` maps into the coordinates its narrowed copy holds it in.
+
+    A narrowed encoder holds the hidden state y after norm j as z = Bᵀ(y − μ), so feature distillation from the
+    uncut model compares the student's z with Bᵀ(y_teacher − μ). B and μ are rebuilt as `cut_residual_stream` built
+    them, from the same calibration data run through the same uncut model, at the widths the student's reduction map
+    records (`stream_widths`); they are never stored, so a resumed run gets them back too.
+
+    Args:
+        model: the post-LayerNorm encoder before the stream was cut (the teacher).
+        widths: ``{norm path: width}`` of the narrowed copy (k + 1 per segment).
+        data, max_tokens, batch_size, collate_fn, accelerator, progress: the calibration data, as the cut used it.
+
+    Returns:
+        One entry per ``output_hidden_states`` tensor (the embeddings' norm, then every layer's output norm): (B, μ),
+        float64, B of shape (d, width) and μ of shape (d,); None where the hidden state kept the full width (the last).
+
+    Example:
+        >>> widths = stream_widths(student.config.reductions)  # doctest: +SKIP
+        >>> basis, mean = hidden_state_coordinates(teacher, widths, calibration_set)[0]  # doctest: +SKIP
+        >>> z = (teacher_hidden[0] - mean) @ basis  # the student's first hidden state  # doctest: +SKIP
+    """
+    segments = stream_segments(model)
+    norms = stream_norms(segments)
+    statistics = collect_statistics(model, data, stream_sites(segments), max_tokens=max_tokens, batch_size=batch_size,
+                                    collate_fn=collate_fn, accelerator=accelerator, progress=progress).accumulators
+    spectra = stream_bases(statistics, segments)
+    coordinates = []
+    for j in range(0, len(norms), 2):  # the hidden states sit after the embeddings' norm and each layer's last norm
+        width = widths.get(norms[j])
+        if width is None:
+            coordinates.append(None)
+            continue
+        basis = _centred_basis(spectra[j][1], width - 1)
+        coordinates.append((basis, statistics[f"{norms[j]}:output"].mean()))
+    return coordinates
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
