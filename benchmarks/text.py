@@ -290,8 +290,8 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
         rows.timed("rmtkd_tau_search", rmtkd(first, target_search="quantile"),
                    "RMTKDTrainer as the rmtkd row but target_search \"quantile\" (τ raised at every site until the "
                    "target is met)")
+    tuned = ", ".join(f"{key} {value}" for key, value in TUNED_LOSS.items())
     if budget.compare_tuned_loss:  # the same shapes (so the same speed) as their default-loss rows: accuracy only
-        tuned = ", ".join(f"{key} {value}" for key, value in TUNED_LOSS.items())
         pca_extra = {**baselines["pca_energy"][2], "loss": TUNED_LOSS,
                      "notes": f"as pca_energy, distilled with the non-default loss {tuned}"}
         rmtkd_extra = {"loss": TUNED_LOSS, "notes": f"as rmtkd, with the non-default loss {tuned} (chosen on "
@@ -307,6 +307,12 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
                    "every two LayerNorms narrowed to its outlier count first)")
         for seed in budget.seeds[1:]:
             rows.accuracy_only(f"rmtkd_residual_seed{seed}", rmtkd(seed, kinds=kinds))
+        if budget.compare_tuned_loss:  # its feature term compares hidden states in the narrowed stream's coordinates
+            residual_extra = {"loss": TUNED_LOSS, "notes": f"as rmtkd_residual, with the non-default loss {tuned}"}
+            for seed in budget.seeds:
+                suffix = "" if seed == first else f"_seed{seed}"
+                rows.accuracy_only(f"rmtkd_residual_tuned_loss{suffix}", rmtkd(seed, loss=TUNED_LOSS, kinds=kinds),
+                                   residual_extra)
 
     return {
         "benchmark": "minilm_rt",
