@@ -364,11 +364,15 @@ class Rows:
         """Another seed of a row, or a row whose shapes (so speed) are another row's: accuracy and size only, plus
         ``extra`` fields."""
         def make():
-            model = compress()
-            model = model[0] if isinstance(model, tuple) else model
+            model, info = compress(), {}
+            if isinstance(model, tuple):
+                model, info = model
             accuracy = evaluate_accuracy(model.eval(), self.test, collator=self.collator)
             print(f"[{name}] accuracy {accuracy:.4f}", flush=True)
-            return {"accuracy": accuracy, "params": parameter_count(model), **(extra or {})}
+            final = info.get("final_distillation")  # an RMT-KD run: what validation said of the model it returns
+            validation = ({"validation_accuracy": final["eval_accuracy" if final["kept"] else "eval_accuracy_before"]}
+                          if final else {})
+            return {"accuracy": accuracy, "params": parameter_count(model), **validation, **(extra or {})}
         return self.book.add(name, make)
 
     @staticmethod
