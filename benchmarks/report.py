@@ -48,7 +48,7 @@ def fold_seed_rows(rows: dict[str, dict]) -> dict[str, dict]:
 
     Returns:
         A copy of ``rows`` without the extra-seed rows; a row with extra seeds gets ``seed_accuracies`` (its own
-        accuracy first).
+        accuracy first), and ``seed_validation_accuracies`` as well when every one of them recorded it.
     """
     folded = {name: dict(row) for name, row in rows.items() if "_seed" not in name}
     for name, row in rows.items():
@@ -56,6 +56,9 @@ def fold_seed_rows(rows: dict[str, dict]) -> dict[str, dict]:
             base = folded.get(name.rsplit("_seed", 1)[0])
             if base is not None:
                 base.setdefault("seed_accuracies", [base["accuracy"]]).append(row["accuracy"])
+                if "validation_accuracy" in base and "validation_accuracy" in row:
+                    validation = base.setdefault("seed_validation_accuracies", [base["validation_accuracy"]])
+                    validation.append(row["validation_accuracy"])
     return folded
 
 

@@ -523,6 +523,9 @@ def test_extra_seed_rows_fold_into_their_row():
     assert set(folded) == {"rmtkd", "pca_energy", "rmtkd_no_distillation"}
     assert folded["rmtkd"]["seed_accuracies"] == [0.8, 0.7]
     assert "seed_accuracies" not in folded["pca_energy"] and "seed_accuracies" not in rows["rmtkd"]
+    assert "seed_validation_accuracies" not in folded["rmtkd"]  # only rows that recorded validation keep it
+    rows["rmtkd"]["validation_accuracy"], rows["rmtkd_seed1"]["validation_accuracy"] = 0.81, 0.79
+    assert report.fold_seed_rows(rows)["rmtkd"]["seed_validation_accuracies"] == [0.81, 0.79]
 
 
 def test_a_full_run_in_progress_gets_its_own_readme_section(tmp_path):
