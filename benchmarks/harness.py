@@ -364,9 +364,8 @@ class Rows:
         """Another seed of a row, or a row whose shapes (so speed) are another row's: accuracy and size only, plus
         ``extra`` fields."""
         def make():
-            model, info = compress(), {}
-            if isinstance(model, tuple):
-                model, info = model
+            produced = compress()
+            model, info = produced if isinstance(produced, tuple) else (produced, {})
             accuracy = evaluate_accuracy(model.eval(), self.test, collator=self.collator)
             print(f"[{name}] accuracy {accuracy:.4f}", flush=True)
             final = info.get("final_distillation")  # an RMT-KD run: what validation said of the model it returns
