@@ -141,13 +141,14 @@ def test_the_stream_is_narrowed_before_other_cuts():
         narrow_residual_stream(model, statistics.accumulators, [4] * len(segments))
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("rank", [12, HIDDEN - 1])
-def test_the_teachers_hidden_states_move_into_the_narrow_streams_coordinates(rank):
+def test_the_teachers_hidden_states_move_into_the_narrow_streams_coordinates(arch, rank):
     # Rebuilt from the calibration data alone, the coordinates are the cut's own: the embeddings' norm reads the full
     # width, so the first hidden state matches exactly at any rank; with a complete basis every one does.
-    reference, model, entries = narrowed("bert", lambda n: [rank] * n)
-    coordinates = hidden_state_coordinates(reference, stream_widths(entries), calibration(), progress=False)
-    inputs = tiny_inputs("bert", batch=4, seq_len=12, seed=99)
+    reference, model, entries = narrowed(arch, lambda n: [rank] * n)
+    coordinates = hidden_state_coordinates(reference, stream_widths(entries), calibration(arch), progress=False)
+    inputs = tiny_inputs(arch, batch=4, seq_len=12, seed=99)
     with torch.no_grad():
         student = model(**inputs, output_hidden_states=True).hidden_states
         teacher = reference(**inputs, output_hidden_states=True).hidden_states
