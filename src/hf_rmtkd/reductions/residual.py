@@ -261,9 +261,10 @@ def hidden_state_coordinates(model: nn.Module, widths: dict[str, int], data, *, 
     """How each hidden state of the whole-stream ``model`` maps into the coordinates its narrowed copy holds it in.
 
     A narrowed encoder holds the hidden state y after norm j as z = Bᵀ(y − μ), so feature distillation from the
-    uncut model compares the student's z with Bᵀ(y_teacher − μ). B and μ are rebuilt as `cut_residual_stream` built
-    them, from the same calibration data run through the same uncut model, at the widths the student's reduction map
-    records (`stream_widths`); they are never stored, so a resumed run gets them back too.
+    uncut model compares the student's z with Bᵀ(y_teacher − μ). The student's weights fold B and μ in, so they are
+    rebuilt as `cut_residual_stream` built them: from the same calibration data run through the same uncut model, at
+    the widths the student's reduction map records (`stream_widths`). `RMTKDTrainer` keeps them with each round, so a
+    resumed run need not rebuild them.
 
     Args:
         model: the post-LayerNorm encoder before the stream was cut (the teacher).
