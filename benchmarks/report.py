@@ -7,8 +7,9 @@ teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is No
      "rmtkd": {"accuracy", "accuracy_std", "params", "throughput_ratio_b32", "latency_ratio_b1", "flop_ratio"},
      "baselines": {"<name>": {"accuracy", "params"}}}
 
-``results/speed_breakdown*.json``, ``results/memory_probe.json``, ``results/vision_folds.json`` and
-``results/fold_speed.json``, when present, add their findings to the section. Run ``python benchmarks/report.py`` (or
+``results/speed_breakdown*.json``, ``results/attention_shapes*.json``, ``results/memory_probe.json``,
+``results/vision_folds.json`` and ``results/fold_speed.json``, when present, add their findings to the
+section. Run ``python benchmarks/report.py`` (or
 ``run.py --report-only``) to rebuild everything from the result files.
 """
 
@@ -411,6 +412,42 @@ def _breakdown_lines(breakdown: dict) -> list[str]:
     return lines
 
 
+def _attention_variant(name: str, row: str) -> str:
+    """What a variant of `attention_shapes.py` changes, in words."""
+    if name == row:
+        return "the row's shapes"
+    if name == "fused_qkv":
+        return "q/k/v in one product"
+    kind, _, width = name.rpartition("_")
+    return {"query_key": f"queries and keys of {width} features per head (values keep 32)",
+            "head_size": f"queries, keys and values of {width} features per head"}.get(kind, name)
+
+
+def _attention_shapes_lines(study: dict) -> list[str]:
+    """The what-if attention shapes timed by `attention_shapes.py` (``results/attention_shapes*.json``)."""
+    row, variants = study["row"], study["variants"]
+    comparisons = len(next(iter(variants.values()))["speedups"])
+    lines = [f"What-if attention shapes of row `{row}` (`benchmarks/attention_shapes.py --row {row}`: fresh weights "
+             f"at the row's shapes, then one change; {study['input']}; {study['environment']['torch_threads']} "
+             f"thread(s){_host_speed(study['environment'])}; speed-up the median of {comparisons} comparisons of "
+             f"{study['runs_per_comparison']} rounds, variants interleaved; live tensors = weights + the forward "
+             "pass's peak at batch 32):", "",
+             "| variant | params | FLOP ratio | speed-up | share of the FLOP ratio | live tensors vs teacher |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, variant in variants.items():
+        lines.append(f"| {_attention_variant(name, row)} | x{variant['param_ratio']:.3f} "
+                     f"| x{variant['flop_ratio']:.2f} | x{variant['speedup']:.2f} "
+                     f"| {variant['share_of_flop_ceiling']:.0%} | x{variant['live_tensor_ratio_b32']:.3f} |")
+    reaching = [_attention_variant(name, row) for name, variant in variants.items()
+                if variant["share_of_flop_ceiling"] >= SPEED_SHARE_OF_FLOP_CEILING]
+    below_params = [_attention_variant(name, row) for name, variant in variants.items()
+                    if variant["live_tensor_ratio_b32"] <= variant["param_ratio"]]
+    lines += ["", f"At {SPEED_SHARE_OF_FLOP_CEILING:.0%} of the FLOP ratio or above: "
+              + ("; ".join(reaching) if reaching else "none") + ". Live tensors falling at least as far as the "
+              "parameters: " + ("; ".join(below_params) if below_params else "none") + ".", ""]
+    return lines
+
+
 def _cross_validation_lines(folds: dict) -> list[str]:
     """The vision settings compared over the folds of the training part (``results/vision_folds.json``)."""
     seeds = sorted({n for entry in folds["settings"] for n in entry["seeds_per_fold"]})
@@ -497,7 +534,7 @@ def _row_probe(probe: dict | None, name: str, row: str) -> dict | None:
 
 def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
              breakdowns: list[dict] | None = None, probe: dict | None = None, folds: dict | None = None,
-             fold_speed: dict | None = None) -> str:
+             fold_speed: dict | None = None, attention_studies: list[dict] | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -547,6 +584,8 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
         if name == "minilm_rt":
             for breakdown in breakdowns or []:
                 lines += _breakdown_lines(breakdown)
+            for study in attention_studies or []:
+                lines += _attention_shapes_lines(study)
         if name == "resnet_mnist" and fold_speed:
             lines += _vision_speed_lines(fold_speed)
         if name == "resnet_mnist" and folds:
@@ -592,13 +631,14 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     _plot(results, results_dir / "frontier.png")
     # speed_breakdown.json (the rmtkd row at 2 threads) first, then the other rows and thread counts.
     breakdowns = [json.loads(path.read_text()) for path in sorted(results_dir.glob("speed_breakdown*.json"))]
+    attention_studies = [json.loads(path.read_text()) for path in sorted(results_dir.glob("attention_shapes*.json"))]
     probe_file = results_dir / "memory_probe.json"
     probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
     folds_file = results_dir / "vision_folds.json"
     folds = json.loads(folds_file.read_text()) if folds_file.exists() else None
     fold_speed_file = results_dir / "fold_speed.json"
     fold_speed = json.loads(fold_speed_file.read_text()) if fold_speed_file.exists() else None
-    section = _section(results, partial, breakdowns, probe, folds, fold_speed)
+    section = _section(results, partial, breakdowns, probe, folds, fold_speed, attention_studies)
     if readme is None:
         print(section)
     else:

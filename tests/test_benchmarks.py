@@ -23,6 +23,7 @@ from hf_rmtkd.plan import DEFAULT_KINDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import attention_shapes  # noqa: E402
 import baselines  # noqa: E402
 import distillation_sweep  # noqa: E402
 import measure  # noqa: E402
@@ -346,6 +347,69 @@ def test_a_repeated_breakdown_of_another_row_reports_its_blocks(tmp_path):
     assert ("row `rmtkd_residual` at 1 thread(s) (`benchmarks/speed_breakdown.py --row rmtkd_residual --threads 1`"
             in text)
     assert "eager x4.00, the median of 3 blocks of 30 rounds (range x3.80–x4.40) (50% of the FLOP ratio x8.00)" in text
+
+
+@pytest.fixture(scope="module")
+def bert_with_shared_qkv(bert):
+    """The tiny BERT (4 heads of 8 features) with q/k/v of every layer factored through one shared projection."""
+    from hf_rmtkd.modeling import apply_reduction_map, rmtkd_class_for
+
+    base, reductions = copy.deepcopy(bert), {}
+    for layer in range(bert.config.num_hidden_layers):
+        q, k, v = (f"bert.encoder.layer.{layer}.attention.self.{name}" for name in ("query", "key", "value"))
+        reductions.update({q: {"kind": "low_rank", "rank": 6},
+                           k: {"kind": "low_rank", "rank": 6, "shares_projection_with": q},
+                           v: {"kind": "low_rank", "rank": 6, "shares_projection_with": q}})
+    apply_reduction_map(base, reductions)
+    return rmtkd_class_for(base).from_base(base, reductions).eval()
+
+
+def test_fusing_a_shared_projections_qkv_keeps_the_function(bert, bert_with_shared_qkv):
+    assert not any(attention_shapes.shares_one_projection(a) for a in attention_shapes._attentions(bert))
+    fused = attention_shapes.with_fused_qkv(bert_with_shared_qkv)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        expected, got = bert_with_shared_qkv(**inputs).logits, fused(**inputs).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert isinstance(attention_shapes._attentions(fused)[0], attention_shapes.FusedQKVAttention)
+    with pytest.raises(ValueError, match="fused_qkv needs"):
+        attention_shapes.with_fused_qkv(bert)
+
+
+@pytest.mark.parametrize("variant", ["query_key", "head_size"])
+@pytest.mark.parametrize("model_name", ["bert", "bert_with_shared_qkv"])
+def test_narrowed_heads_have_the_width_asked_for_and_fewer_flops(request, variant, model_name):
+    from hf_rmtkd.bench import count_flops
+
+    model = request.getfixturevalue(model_name)
+    narrowed = (attention_shapes.with_query_key_width if variant == "query_key" else attention_shapes.with_head_size)(
+        model, 2)
+    heads = request.getfixturevalue("bert").config.num_attention_heads  # 4 heads of 8 features
+    for block in (m for m in narrowed.modules() if isinstance(m, attention_shapes.BertAttention)):
+        assert block.self.query.out_features == block.self.key.out_features == heads * 2
+        assert block.self.value.out_features == heads * (2 if variant == "head_size" else 8)
+        assert block.output.dense.in_features == block.self.value.out_features
+    inputs = tiny_inputs("bert")
+    _runs(narrowed)
+    assert count_flops(narrowed, inputs) < count_flops(model, inputs)
+    assert model(**inputs).logits.shape == narrowed(**inputs).logits.shape
+
+
+def test_attention_what_ifs_are_reported_with_what_reaches_the_targets(tmp_path):
+    def variant(params, flops, speedup, held):
+        return {"param_ratio": params, "flop_ratio": flops, "speedup": speedup,
+                "share_of_flop_ceiling": speedup / flops, "speedups": [speedup] * 3, "live_tensor_ratio_b32": held}
+
+    study = {"row": "rmtkd", "input": "batch 32 x 64", "environment": {"torch_threads": 2}, "runs_per_comparison": 30,
+             "variants": {"rmtkd": variant(0.2, 5.0, 3.9, 0.31), "fused_qkv": variant(0.2, 5.0, 4.1, 0.4),
+                          "head_size_8": variant(0.16, 9.0, 4.5, 0.15)}}
+    text = readme_with_breakdown(tmp_path, "attention_shapes.json", study)
+    assert "What-if attention shapes of row `rmtkd` (`benchmarks/attention_shapes.py --row rmtkd`" in text
+    assert "median of 3 comparisons of 30 rounds" in text
+    assert "| the row's shapes | x0.200 | x5.00 | x3.90 | 78% | x0.310 |" in text
+    assert "| queries, keys and values of 8 features per head | x0.160 | x9.00 | x4.50 | 50% | x0.150 |" in text
+    assert ("At 80% of the FLOP ratio or above: q/k/v in one product. Live tensors falling at least as far as the "
+            "parameters: queries, keys and values of 8 features per head.") in text
 
 
 @pytest.mark.parametrize("kinds", [DEFAULT_KINDS, ("residual", *DEFAULT_KINDS)])
