@@ -8,9 +8,8 @@ teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is No
      "baselines": {"<name>": {"accuracy", "params"}}}
 
 ``results/speed_breakdown*.json``, ``results/attention_shapes*.json``, ``results/memory_probe.json``,
-``results/vision_folds.json`` and ``results/fold_speed.json``, when present, add their findings to the
-section. Run ``python benchmarks/report.py`` (or
-``run.py --report-only``) to rebuild everything from the result files.
+``results/vision_folds.json`` and ``results/fold_speed.json``, when present, add their findings to the section.
+Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything from the result files.
 """
 
 from __future__ import annotations
@@ -419,7 +418,7 @@ def _attention_variant(name: str, row: str) -> str:
     if name == "fused_qkv":
         return "q/k/v in one product"
     kind, _, width = name.rpartition("_")
-    return {"query_key": f"queries and keys of {width} features per head (values keep 32)",
+    return {"query_key": f"queries and keys of {width} features per head (values keep their size)",
             "head_size": f"queries, keys and values of {width} features per head"}.get(kind, name)
 
 
