@@ -68,7 +68,7 @@ def _attend(module: BertSelfAttention, query, key, value, attention_mask, input_
 
 
 class NarrowQueryKeyAttention(BertSelfAttention):
-    """Queries and keys of ``query_key_width`` features per head; values keep the head size (eval only)."""
+    """q, k and v each split into ``self.heads`` heads, so queries and keys may be narrower than values (eval only)."""
 
     def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         projections = (self.query(hidden_states), self.key(hidden_states), self.value(hidden_states))
