@@ -17,7 +17,8 @@ candidates to close these gaps; this script measures them before anyone builds t
 Speed is timed against the teacher, alternating in one process, eager, the median of ``--repeats`` comparisons with
 the variants interleaved. The share of the FLOP ceiling is the speed-up ÷ the variant's own FLOP ratio, so a change
 that removes FLOPs which cost little time lowers it even when the model gets faster. Memory is the live tensor bytes
-at batch 32 (weights plus the forward pass's own peak, `memory_probe.live_tensor_peak_bytes`) against the teacher's.
+at batch 32 (weights plus the forward pass's own peak, `memory_probe.live_tensor_peak_bytes`) against the teacher's,
+and where the activations peak, with the largest tensors held then (`memory_probe.tensors_at_peak`).
 Weights are fresh (speed and memory depend on shapes only); the RMT-KD shapes are rebuilt from the row's round log in
 ``results/minilm_rt.json`` (`shapes.rmtkd_shaped_model`).
 
@@ -40,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 from harness import environment
-from memory_probe import MB, live_tensor_peak_bytes, weight_bytes
+from memory_probe import MB, live_tensor_peak_bytes, tensors_at_peak, weight_bytes
 from shapes import rmtkd_shaped_model
 from text import FULL, teacher_cache
 from torch import nn
@@ -181,11 +182,13 @@ def main() -> None:
         flop_ratio = teacher_flops / count_flops(model, batch)
         speedup = statistics.median(speedups[name])
         held = live_tensors(model)
+        with torch.no_grad():
+            activation_peak = tensors_at_peak(model, batch, largest=6)
         params = model.num_parameters()
         rows[name] = {"params": params, "param_ratio": params / teacher.num_parameters(),
                       "flop_ratio": flop_ratio, "speedup": speedup, "share_of_flop_ceiling": speedup / flop_ratio,
                       "speedups": speedups[name], "live_tensor_mb_b32": held / MB,
-                      "live_tensor_ratio_b32": held / teacher_bytes}
+                      "live_tensor_ratio_b32": held / teacher_bytes, "activation_peak_b32": activation_peak}
     report = {
         "environment": environment([], script="attention_shapes.py"),
         "row": options.row,

@@ -422,6 +422,15 @@ def _attention_variant(name: str, row: str) -> str:
             "head_size": f"queries, keys and values of {width} features per head"}.get(kind, name)
 
 
+def _module_of(where: str) -> str:
+    """The module of a ``tensors_at_peak`` location ("model.bert.embeddings.LayerNorm mul" -> "embeddings.LayerNorm"),
+    without the wrapper and base-model prefixes every location shares."""
+    module = where.split(" ")[0]
+    for prefix in ("model.", "bert."):
+        module = module.removeprefix(prefix)
+    return module
+
+
 def _attention_shapes_lines(study: dict) -> list[str]:
     """The what-if attention shapes timed by `attention_shapes.py` (``results/attention_shapes*.json``)."""
     row, variants = study["row"], study["variants"]
@@ -431,12 +440,14 @@ def _attention_shapes_lines(study: dict) -> list[str]:
              f"thread(s){_host_speed(study['environment'])}; speed-up the median of {comparisons} comparisons of "
              f"{study['runs_per_comparison']} rounds, variants interleaved; live tensors = weights + the forward "
              "pass's peak at batch 32):", "",
-             "| variant | params | FLOP ratio | speed-up | share of the FLOP ratio | live tensors vs teacher |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| variant | params | FLOP ratio | speed-up | share of the FLOP ratio | live tensors vs teacher "
+             "| activations peak at |", "|---|---:|---:|---:|---:|---:|---|"]
     for name, variant in variants.items():
+        peak = variant.get("activation_peak_b32")
+        where = f"{peak['peak_mb']:.1f} MB, `{_module_of(peak['at'])}`" if peak else "—"
         lines.append(f"| {_attention_variant(name, row)} | x{variant['param_ratio']:.3f} "
                      f"| x{variant['flop_ratio']:.2f} | x{variant['speedup']:.2f} "
-                     f"| {variant['share_of_flop_ceiling']:.0%} | x{variant['live_tensor_ratio_b32']:.3f} |")
+                     f"| {variant['share_of_flop_ceiling']:.0%} | x{variant['live_tensor_ratio_b32']:.3f} | {where} |")
     reaching = [_attention_variant(name, row) for name, variant in variants.items()
                 if variant["share_of_flop_ceiling"] >= SPEED_SHARE_OF_FLOP_CEILING]
     below_params = [_attention_variant(name, row) for name, variant in variants.items()

@@ -403,11 +403,14 @@ def test_attention_what_ifs_are_reported_with_what_reaches_the_targets(tmp_path)
     study = {"row": "rmtkd", "input": "batch 32 x 64", "environment": {"torch_threads": 2}, "runs_per_comparison": 30,
              "variants": {"rmtkd": variant(0.2, 5.0, 3.9, 0.31), "fused_qkv": variant(0.2, 5.0, 4.1, 0.4),
                           "head_size_8": variant(0.16, 9.0, 4.5, 0.15)}}
+    study["variants"]["rmtkd"]["activation_peak_b32"] = {"peak_mb": 14.1, "held": [],
+                                                         "at": "model.bert.encoder.layer.5.attention.self sdpa"}
     text = readme_with_breakdown(tmp_path, "attention_shapes.json", study)
     assert "What-if attention shapes of row `rmtkd` (`benchmarks/attention_shapes.py --row rmtkd`" in text
     assert "median of 3 comparisons of 30 rounds" in text
-    assert "| the row's shapes | x0.200 | x5.00 | x3.90 | 78% | x0.310 |" in text
-    assert "| queries, keys and values of 8 features per head | x0.160 | x9.00 | x4.50 | 50% | x0.150 |" in text
+    assert ("| the row's shapes | x0.200 | x5.00 | x3.90 | 78% | x0.310 | 14.1 MB, `encoder.layer.5.attention.self` |"
+            in text)
+    assert "| queries, keys and values of 8 features per head | x0.160 | x9.00 | x4.50 | 50% | x0.150 | — |" in text
     assert ("At 80% of the FLOP ratio or above: q/k/v in one product. Live tensors falling at least as far as the "
             "parameters: queries, keys and values of 8 features per head.") in text
 
