@@ -88,6 +88,11 @@ def _attentions(model: nn.Module) -> list[BertSelfAttention]:
     return [module for module in model.modules() if isinstance(module, BertSelfAttention)]
 
 
+def _head_count(attention: BertSelfAttention) -> int:
+    """The heads an attention keeps (its value projection writes ``heads · head size`` features)."""
+    return attention.value.out_features // attention.attention_head_size
+
+
 def _narrowed(layer: nn.Module, heads: int, width: int) -> nn.Module:
     """``layer`` (an ``nn.Linear`` or a `LowRankLinear`) writing ``heads · width`` features (fresh weights)."""
     if isinstance(layer, LowRankLinear):
@@ -103,7 +108,7 @@ def with_head_size(model: nn.Module, width: int) -> nn.Module:
     model = copy.deepcopy(model)
     for block in (module for module in model.modules() if isinstance(module, BertAttention)):
         attention = block.self
-        heads = attention.value.out_features // attention.attention_head_size
+        heads = _head_count(attention)
         for name in ("query", "key", "value"):
             setattr(attention, name, _narrowed(getattr(attention, name), heads, width))
         attention.attention_head_size = width  # BERT's attention reshapes q, k and v into heads of this size
@@ -115,7 +120,7 @@ def with_query_key_width(model: nn.Module, width: int) -> nn.Module:
     """A copy of ``model`` whose every head has ``width`` query and key features (fresh q/k weights)."""
     model = copy.deepcopy(model)
     for attention in _attentions(model):
-        attention.heads = attention.value.out_features // attention.attention_head_size
+        attention.heads = _head_count(attention)
         attention.query = _narrowed(attention.query, attention.heads, width)
         attention.key = _narrowed(attention.key, attention.heads, width)
         attention.__class__ = NarrowQueryKeyAttention
@@ -135,7 +140,7 @@ def with_fused_qkv(model: nn.Module) -> nn.Module:
         if not shares_one_projection(attention):
             raise ValueError("fused_qkv needs q/k/v low-rank layers reading the query's projection.")
         layers = (attention.query, attention.key, attention.value)
-        attention.heads = attention.value.out_features // attention.attention_head_size
+        attention.heads = _head_count(attention)
         attention.qkv_weight = torch.cat([layer.up.weight for layer in layers]).detach()
         attention.qkv_bias = torch.cat([layer.up.bias for layer in layers]).detach()
         attention.__class__ = FusedQKVAttention
