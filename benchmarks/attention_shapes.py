@@ -203,8 +203,8 @@ def main() -> None:
         "fused_qkv_max_logit_difference": fused_error,
         "variants": rows,
     }
-    name = "attention_shapes" + ("" if options.row == "rmtkd" else f"_{options.row}")
-    write_text_atomic(RESULTS / f"{name}.json", json.dumps(report, indent=2))
+    output = "attention_shapes" + ("" if options.row == "rmtkd" else f"_{options.row}")
+    write_text_atomic(RESULTS / f"{output}.json", json.dumps(report, indent=2))
     for name, row in rows.items():
         print(f"{name:>14}: params {row['params']:,}  FLOP ratio x{row['flop_ratio']:.2f}  "
               f"speed-up x{row['speedup']:.2f}  share {row['share_of_flop_ceiling']:.0%}  "
