@@ -417,6 +417,10 @@ def _attention_variant(name: str, row: str) -> str:
         return "the row's shapes"
     if name == "fused_qkv":
         return "q/k/v in one product"
+    if name.startswith("narrow_embeddings"):
+        embeddings = "embeddings normalised straight into the narrow stream"
+        heads = name.removeprefix("narrow_embeddings").removeprefix("_")
+        return f"{_attention_variant(heads, row)}; {embeddings}" if heads else embeddings
     kind, _, width = name.rpartition("_")
     return {"query_key": f"queries and keys of {width} features per head (values keep their size)",
             "head_size": f"queries, keys and values of {width} features per head"}.get(kind, name)
@@ -439,22 +443,28 @@ def _attention_shapes_lines(study: dict) -> list[str]:
              f"at the row's shapes, then one change; {study['input']}; {study['environment']['torch_threads']} "
              f"thread(s){_host_speed(study['environment'])}; speed-up the median of {comparisons} comparisons of "
              f"{study['runs_per_comparison']} rounds, variants interleaved; live tensors = weights + the forward "
-             "pass's peak at batch 32):", "",
-             "| variant | params | FLOP ratio | speed-up | share of the FLOP ratio | live tensors vs teacher "
-             "| activations peak at |", "|---|---:|---:|---:|---:|---:|---|"]
+             "pass's peak, at batch 32 and at batch 1):", "",
+             "| variant | params | FLOP ratio | speed-up | share of the FLOP ratio | live tensors vs teacher, b32 "
+             "| b1 | activations peak at (b32) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, variant in variants.items():
         peak = variant.get("activation_peak_b32")
         where = f"{peak['peak_mb']:.1f} MB, `{_module_of(peak['at'])}`" if peak else "—"
+        single = variant.get("live_tensor_ratio_b1")
         lines.append(f"| {_attention_variant(name, row)} | x{variant['param_ratio']:.3f} "
                      f"| x{variant['flop_ratio']:.2f} | x{variant['speedup']:.2f} "
-                     f"| {variant['share_of_flop_ceiling']:.0%} | x{variant['live_tensor_ratio_b32']:.3f} | {where} |")
+                     f"| {variant['share_of_flop_ceiling']:.0%} | x{variant['live_tensor_ratio_b32']:.3f} "
+                     f"| {'—' if single is None else f'x{single:.3f}'} | {where} |")
     reaching = [_attention_variant(name, row) for name, variant in variants.items()
                 if variant["share_of_flop_ceiling"] >= SPEED_SHARE_OF_FLOP_CEILING]
-    below_params = [_attention_variant(name, row) for name, variant in variants.items()
-                    if variant["live_tensor_ratio_b32"] <= variant["param_ratio"]]
+
+    def below_params(batch: int) -> str:
+        names = [_attention_variant(name, row) for name, variant in variants.items()
+                 if variant.get(f"live_tensor_ratio_b{batch}", float("inf")) <= variant["param_ratio"]]
+        return "; ".join(names) if names else "none"
+
     lines += ["", f"At {SPEED_SHARE_OF_FLOP_CEILING:.0%} of the FLOP ratio or above: "
               + ("; ".join(reaching) if reaching else "none") + ". Live tensors falling at least as far as the "
-              "parameters: " + ("; ".join(below_params) if below_params else "none") + ".", ""]
+              f"parameters: at batch 32, {below_params(32)}; at batch 1, {below_params(1)}.", ""]
     return lines
 
 
