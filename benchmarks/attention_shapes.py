@@ -13,17 +13,18 @@ were candidates to close these gaps; this script measures them before anyone bui
   them (a per-head cut of the value path too): the flash kernel runs, on heads of r features.
 - ``fused_qkv`` (when q/k/v share one projection P x): q, k and v computed by one product instead of three (the same
   function: the script checks the logits match).
-- ``narrow_embeddings`` (with the ``residual`` kind, whose stream starts at the embeddings' LayerNorm): the embeddings
-  summed and normalised straight into the first segment's coordinates, with no d-wide tensor (`NarrowEmbeddings`;
-  the same function, checked on the logits). Narrowing the heads moves the residual row's peak to that d-wide sum,
-  so ``narrow_embeddings_head_size_<r>`` combines the two.
+- ``folded_embeddings`` (with the ``residual`` kind, whose stream starts at the embeddings' LayerNorm): the embeddings
+  summed and normalised straight into the first segment's coordinates, with no d-wide tensor
+  (`hf_rmtkd.fold_embeddings`, built after this measured it; the same function, checked on the logits). Narrowing
+  the heads moves the residual row's peak to that d-wide sum, so ``folded_embeddings_head_size_<r>`` combines the two.
 
 Speed is timed against the teacher, alternating in one process, eager, the median of ``--repeats`` comparisons with
 the variants interleaved. The share of the FLOP ceiling is the speed-up ÷ the variant's own FLOP ratio, so a change
 that removes FLOPs which cost little time lowers it even when the model gets faster. Memory is the live tensor bytes
 at batch 32 and at batch 1 (weights plus the forward pass's own peak, `memory_probe.live_tensor_peak_bytes`) against
 the teacher's, and where the batch-32 activations peak, with the largest tensors held then
-(`memory_probe.tensors_at_peak`).
+(`memory_probe.tensors_at_peak`). Folding the embeddings changes the time by a few percent, less than the spread
+between comparisons with the teacher, so the row as is and its folded form are also timed against each other.
 Weights are fresh (speed and memory depend on shapes only); the RMT-KD shapes are rebuilt from the row's round log in
 ``results/minilm_rt.json`` (`shapes.rmtkd_shaped_model`).
 
@@ -54,13 +55,14 @@ from transformers import AutoModelForSequenceClassification
 from transformers.models.bert.modeling_bert import (
     ALL_ATTENTION_FUNCTIONS,
     BertAttention,
-    BertEmbeddings,
     BertSelfAttention,
     eager_attention_forward,
 )
 
+from hf_rmtkd import fold_embeddings
 from hf_rmtkd.bench import compare_speed, count_flops, example_inputs
-from hf_rmtkd.modeling.layers_rmtkd import LowRankEmbedding, LowRankLinear, ReducedLayerNorm
+from hf_rmtkd.modeling.layers_rmtkd import LowRankEmbedding, LowRankLinear
+from hf_rmtkd.reductions.residual import stream_widths
 from hf_rmtkd.utils import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,71 +92,16 @@ class FusedQKVAttention(BertSelfAttention):
         return _attend(self, *qkv.chunk(3, dim=-1), attention_mask, hidden_states.shape[:-1], **kwargs)
 
 
-class NarrowEmbeddings(BertEmbeddings):
-    """BERT's embeddings normalised straight into the first stream segment's coordinates (eval only).
-
-    With the ``residual`` kind, the embeddings' LayerNorm (a full-input `ReducedLayerNorm`: W, offset, bias) reads the
-    d-wide sum s = U e + c of a token's r-dimensional code e (U, and the bias in c, from the `LowRankEmbedding`'s
-    up-projection) and of c = its position's and token type's embeddings plus that bias. Centring is linear
-    (C = I − 11ᵀ/d), so the norm's variance and output need no d-wide vector::
-
-        σ² = (eᵀ G e + 2 eᵀ h_c + |C c|²) / d,   G = (CU)ᵀ CU,   h_c = (CU)ᵀ C c
-        out = (W C U e + W C c + offset) / sqrt(σ² + eps) + bias
-
-    where G and W C U are fixed and h_c, |C c|² and W C c are tables over (token type, position): the same function,
-    holding r- and k-wide tensors only (`with_narrow_embeddings` checks the logits).
-    """
-
-    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, cache_length=0):
-        length = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = self.position_ids[:, cache_length:cache_length + length]
-        if token_type_ids is None:  # BERT's default: type 0 everywhere
-            token_type_ids = torch.zeros_like(input_ids)
-        rows = input_ids if self.token_rows is None else self.token_rows[input_ids]
-        codes = self.codes(rows)
-        pair = token_type_ids * self.positions + position_ids  # row of the (token type, position) tables
-        variance = ((codes @ self.gram + 2 * self.cross[pair]) * codes).sum(-1, keepdim=True)
-        scale = torch.rsqrt((variance + self.constant[pair].unsqueeze(-1)) / self.hidden_size + self.eps)
-        return torch.addcmul(self.bias, F.linear(codes, self.reader) + self.offsets[pair], scale)
+def folds_embeddings(model: nn.Module) -> bool:
+    """Whether `hf_rmtkd.fold_embeddings` applies: a narrowed stream (the residual kind) and factored token
+    embeddings."""
+    reductions = getattr(model.config, "reductions", None)
+    return bool(stream_widths(reductions)) and isinstance(model.get_input_embeddings(), LowRankEmbedding)
 
 
-def narrow_embeddings_apply(model: nn.Module) -> bool:
-    """Whether ``model`` has what `with_narrow_embeddings` needs: factored token embeddings whose LayerNorm
-    writes the residual kind's first stream segment (a full-input `ReducedLayerNorm`)."""
-    embeddings = next((module for module in model.modules() if isinstance(module, BertEmbeddings)), None)
-    return (embeddings is not None and isinstance(embeddings.word_embeddings, LowRankEmbedding)
-            and isinstance(embeddings.LayerNorm, ReducedLayerNorm) and embeddings.LayerNorm.full_input)
-
-
-@torch.no_grad()
-def with_narrow_embeddings(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose embeddings are `NarrowEmbeddings` (the function unchanged).
-
-    Needs the ``residual`` kind's embeddings: a `LowRankEmbedding` of the tokens and a full-input `ReducedLayerNorm`.
-    """
-    if not narrow_embeddings_apply(model):
-        raise ValueError("narrow_embeddings needs factored token embeddings (LowRankEmbedding) normalised into the "
-                         "residual kind's first segment (ReducedLayerNorm with full_input).")
-    model = copy.deepcopy(model)
-    embeddings = next(module for module in model.modules() if isinstance(module, BertEmbeddings))
-    words, norm = embeddings.word_embeddings, embeddings.LayerNorm
-    up, reader = words.up.weight.double(), norm.weight.double()
-    centred_up = up - up.mean(0)  # C U
-    types, positions = embeddings.token_type_embeddings.weight.double(), embeddings.position_embeddings.weight.double()
-    constant = (words.up.bias.double() + types[:, None, :] + positions[None, :, :]).flatten(0, 1)  # c per pair
-    constant = constant - constant.mean(-1, keepdim=True)  # C c
-    tables = {"gram": centred_up.T @ centred_up, "cross": constant @ centred_up, "constant": constant.square().sum(-1),
-              "reader": reader @ centred_up, "offsets": constant @ reader.T + norm.offset.double(),
-              "bias": norm.bias.double()}
-    embeddings.codes, embeddings.token_rows = words.embed, getattr(words, "token_rows", None)
-    embeddings.positions, embeddings.hidden_size, embeddings.eps = positions.shape[0], norm.hidden_size, norm.eps
-    for name in ("word_embeddings", "token_type_embeddings", "position_embeddings", "LayerNorm"):
-        delattr(embeddings, name)
-    for name, table in tables.items():  # parameters, so they count as the stored weights they would be
-        setattr(embeddings, name, nn.Parameter(table.float(), requires_grad=False))
-    embeddings.__class__ = NarrowEmbeddings
-    return model.eval()
+def with_folded_embeddings(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose embeddings are folded into its narrowed stream (`hf_rmtkd.fold_embeddings`)."""
+    return fold_embeddings(copy.deepcopy(model)).eval()
 
 
 def _attentions(model: nn.Module) -> list[BertSelfAttention]:
@@ -245,14 +192,14 @@ def main() -> None:
     for width in options.head_widths:
         variants[f"query_key_{width}"] = with_query_key_width(rmtkd, width)
         variants[f"head_size_{width}"] = with_head_size(rmtkd, width)
-    narrow_error = None
-    if narrow_embeddings_apply(rmtkd):  # the residual kind: its stream starts narrow, so can its embeddings
-        variants["narrow_embeddings"] = with_narrow_embeddings(rmtkd)
+    folded_error = None
+    if folds_embeddings(rmtkd):  # the residual kind: its stream starts narrow, so can its embeddings
+        variants["folded_embeddings"] = with_folded_embeddings(rmtkd)
         with torch.inference_mode():
-            narrow_error = (variants["narrow_embeddings"](**batch).logits - rmtkd(**batch).logits).abs().max().item()
-        assert narrow_error < 1e-4, f"narrow_embeddings changed the logits by {narrow_error}"
+            folded_error = (variants["folded_embeddings"](**batch).logits - rmtkd(**batch).logits).abs().max().item()
+        assert folded_error < 1e-4, f"folded_embeddings changed the logits by {folded_error}"
         for width in options.head_widths:
-            variants[f"narrow_embeddings_head_size_{width}"] = with_narrow_embeddings(variants[f"head_size_{width}"])
+            variants[f"folded_embeddings_head_size_{width}"] = with_folded_embeddings(variants[f"head_size_{width}"])
     single = example_inputs(teacher, 1, 64)
 
     def live_tensors(model: nn.Module, inputs: dict) -> int:  # weights + the forward pass's own peak (memory_probe)
@@ -265,6 +212,15 @@ def main() -> None:
     for _ in range(options.repeats):  # variants interleaved, so a slow spell of the host hits each of them
         for name, model in variants.items():
             speedups[name].append(compare_speed(teacher, model, batch, runs=options.runs)["speedup"])
+    head_to_head = None
+    if "folded_embeddings" in variants:  # the row as is against its folded form: a small difference, timed directly
+        head_to_head = {}
+        for size, inputs in (("b32", batch), ("b1", single)):
+            timings = [compare_speed(rmtkd, variants["folded_embeddings"], inputs, runs=options.runs * 3)
+                       for _ in range(options.repeats)]
+            head_to_head[size] = {"speedups": [t["speedup"] for t in timings],
+                                  "speedup": statistics.median(t["speedup"] for t in timings),
+                                  "runs": options.runs * 3}
     rows = {}
     for name, model in variants.items():
         flop_ratio = teacher_flops / count_flops(model, batch)
@@ -286,7 +242,8 @@ def main() -> None:
         "teacher_live_tensor_mb_b1": teacher_bytes_b1 / MB,
         "runs_per_comparison": options.runs,
         "fused_qkv_max_logit_difference": fused_error,
-        "narrow_embeddings_max_logit_difference": narrow_error,
+        "folded_embeddings_max_logit_difference": folded_error,
+        "folded_embeddings_vs_row": head_to_head,
         "variants": rows,
     }
     output = "attention_shapes" + ("" if options.row == "rmtkd" else f"_{options.row}")
@@ -296,6 +253,9 @@ def main() -> None:
               f"speed-up x{row['speedup']:.2f}  share {row['share_of_flop_ceiling']:.0%}  "
               f"live tensors b32 x{row['live_tensor_ratio_b32']:.3f}, b1 x{row['live_tensor_ratio_b1']:.3f} "
               f"(params x{row['param_ratio']:.3f})")
+    if head_to_head:
+        print(f"folded embeddings vs the row as is: x{head_to_head['b32']['speedup']:.3f} at batch 32, "
+              f"x{head_to_head['b1']['speedup']:.3f} at batch 1")
 
 
 if __name__ == "__main__":

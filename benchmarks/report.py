@@ -417,9 +417,9 @@ def _attention_variant(name: str, row: str) -> str:
         return "the row's shapes"
     if name == "fused_qkv":
         return "q/k/v in one product"
-    if name.startswith("narrow_embeddings"):
-        embeddings = "embeddings normalised straight into the narrow stream"
-        heads = name.removeprefix("narrow_embeddings").removeprefix("_")
+    if name.startswith("folded_embeddings"):
+        embeddings = "embeddings folded into the narrow stream (`hf_rmtkd.fold_embeddings`)"
+        heads = name.removeprefix("folded_embeddings").removeprefix("_")
         return f"{_attention_variant(heads, row)}; {embeddings}" if heads else embeddings
     kind, _, width = name.rpartition("_")
     return {"query_key": f"queries and keys of {width} features per head (values keep their size)",
@@ -462,6 +462,13 @@ def _attention_shapes_lines(study: dict) -> list[str]:
                  if variant.get(f"live_tensor_ratio_b{batch}", float("inf")) <= variant["param_ratio"]]
         return "; ".join(names) if names else "none"
 
+    if head_to_head := study.get("folded_embeddings_vs_row"):
+        lines += ["", "The row as is against its embeddings folded (`hf_rmtkd.fold_embeddings`), the same function "
+                  f"timed head to head (median of {len(head_to_head['b32']['speedups'])} comparisons of "
+                  f"{head_to_head['b32']['runs']} rounds): x{head_to_head['b32']['speedup']:.3f} at batch 32 "
+                  f"({', '.join(f'x{s:.3f}' for s in head_to_head['b32']['speedups'])}), "
+                  f"x{head_to_head['b1']['speedup']:.3f} at batch 1 "
+                  f"({', '.join(f'x{s:.3f}' for s in head_to_head['b1']['speedups'])})."]
     lines += ["", f"At {SPEED_SHARE_OF_FLOP_CEILING:.0%} of the FLOP ratio or above: "
               + ("; ".join(reaching) if reaching else "none") + ". Live tensors falling at least as far as the "
               f"parameters: at batch 32, {below_params(32)}; at batch 1, {below_params(1)}.", ""]

@@ -1,5 +1,6 @@
 """`hf-rmtkd analyze` end to end on a tiny random BERT with a WordPiece tokenizer and a local CSV."""
 
+import json
 import os
 import random
 import subprocess
@@ -121,7 +122,6 @@ def test_compress_bench_and_push_end_to_end(tiny, tiny_classifier, tmp_path, cap
                    "--text-column", "review", "--label-column", "sentiment", "--out",
                    str(results)])
     assert status == 0
-    import json
 
     bench = json.loads(results.read_text())
     assert bench["parameters"]["compressed"] < bench["parameters"]["original"]
@@ -185,7 +185,6 @@ def tiny_image_task(tmp_path_factory):
 
 
 def test_compress_an_image_classifier_and_fold_its_batchnorms(tiny_image_task, tmp_path, capsys):
-    import json
 
     from transformers import AutoModelForImageClassification
 
@@ -212,4 +211,36 @@ def test_fold_batchnorm_on_a_model_without_batchnorm_fails_before_training(tiny,
                    "--fold_batchnorm", "--report_to", "none", "--use_cpu"])
     assert status == 2
     assert "--fold_batchnorm: BertForSequenceClassification has no BatchNorm" in capsys.readouterr().err
+    assert not (out / "compressed").exists()
+
+
+def test_compress_a_text_classifier_and_fold_its_embeddings(tiny, tiny_classifier, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    status = main(["compress", "--model", str(tiny_classifier), "--dataset", str(tiny / "reviews.csv"),
+                   "--text_column", "review", "--label_column", "sentiment", "--output_dir", str(out),
+                   "--reduction_kinds", "residual", "embedding", "--fold_embeddings", "--max_rounds", "1",
+                   "--distillation_steps_per_round", "2", "--min_rank", "2", "--max_metric_drop", "1.0",
+                   "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "True",
+                   "--per_device_train_batch_size", "16"])
+    assert status == 0, capsys.readouterr().err
+    checkpoint = out / "compressed"
+    reductions = json.loads((checkpoint / "config.json").read_text())["reductions"]
+    assert reductions["bert.embeddings"]["kind"] == "folded_embeddings"
+    assert "Embeddings (`bert.embeddings`) folded into the narrowed residual stream" in (
+        checkpoint / "README.md").read_text()
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    assert type(model.model.bert.embeddings).__name__ == "FoldedEmbeddings"
+    assert model(input_ids=torch.tensor([[2, 5, 7, 3]])).logits.shape == (1, 2)
+
+
+def test_fold_embeddings_without_the_residual_kind_fails_before_training(tiny, tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main(["compress", "--model", str(tiny_classifier), "--dataset", str(tiny / "reviews.csv"),
+                   "--text_column", "review", "--label_column", "sentiment", "--output_dir", str(out),
+                   "--fold_embeddings", "--report_to", "none", "--use_cpu"])
+    assert status == 2
+    assert "--fold_embeddings folds the embeddings into a narrowed residual stream: add residual" in (
+        capsys.readouterr().err)
     assert not (out / "compressed").exists()

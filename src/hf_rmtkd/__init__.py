@@ -11,6 +11,7 @@ from . import spectrum
 from .api import analyze, compress
 from .batchnorm_folding import fold_batchnorm
 from .checkpoint import save_rmtkd_checkpoint
+from .embedding_folding import fold_embeddings
 from .hub import install_push_to_hub, push_model
 from .modeling import (
     RMTKDConfig,
@@ -46,6 +47,7 @@ __all__ = [
     "analyze",
     "compress",
     "fold_batchnorm",
+    "fold_embeddings",
     "push_model",
     "save_rmtkd_checkpoint",
     "spectrum",

@@ -233,6 +233,8 @@ def build_model_card(
         stream=_stream_widths(model),
         folded_norms=sum(entry.get("kind") == "folded_batchnorm"
                          for entry in (getattr(model.config, "reductions", None) or {}).values()),
+        folded_embeddings=[path for path, entry in (getattr(model.config, "reductions", None) or {}).items()
+                           if entry.get("kind") == "folded_embeddings"],
         report_file=_listed(directory, REPORT_NAME, report is not None),
         log_file=_listed(directory, LOG_NAME, bool(rmtkd_log)),
         images=_images(directory, image_dir, report),

@@ -200,6 +200,9 @@ def add_compress_parser(subparsers) -> None:
     parser.add_argument("--fold_batchnorm", action="store_true", help="Fold every BatchNorm into the convolution "
                         "before it once compression is done (CNNs such as ResNet): same outputs, a smaller "
                         "checkpoint, one operator less per convolution.")
+    parser.add_argument("--fold_embeddings", action="store_true", help="Fold a BERT's embeddings into its narrowed "
+                        "residual stream once compression is done (needs the residual and embedding kinds among "
+                        "--reduction_kinds): same outputs, no full-width embedding sum.")
     parser.set_defaults(run=run_compress)
 
 
@@ -244,7 +247,7 @@ def run_compress(args: argparse.Namespace) -> None:
     """Load, compress with `RMTKDTrainer`, save with the card, print a before/after summary."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    from . import RMTKDTrainer, RMTKDTrainingArguments, fold_batchnorm
+    from . import RMTKDTrainer, RMTKDTrainingArguments, fold_batchnorm, fold_embeddings
     from .batchnorm_folding import batchnorm_pairs
     from .metrics import compute_accuracy
 
@@ -255,6 +258,9 @@ def run_compress(args: argparse.Namespace) -> None:
     model = auto.from_pretrained(model_path)
     if args.fold_batchnorm and not batchnorm_pairs(model):
         raise ValueError(f"--fold_batchnorm: {type(model).__name__} has no BatchNorm after a convolution to fold.")
+    if args.fold_embeddings and not {"residual", "embedding"} <= set(training_args.reduction_kinds):
+        raise ValueError("--fold_embeddings folds the embeddings into a narrowed residual stream: add residual and "
+                         f"embedding to --reduction_kinds (now {' '.join(training_args.reduction_kinds)}).")
     trainer = RMTKDTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
                            processing_class=processor, compute_metrics=compute_accuracy)
     before = model.num_parameters()
@@ -262,6 +268,8 @@ def run_compress(args: argparse.Namespace) -> None:
     destination = Path(training_args.output_dir) / "compressed"
     if args.fold_batchnorm:
         trainer.model = fold_batchnorm(trainer.model)
+    if args.fold_embeddings:
+        trainer.model = fold_embeddings(trainer.model)
     trainer.save_model(str(destination))
     after = trainer.model.num_parameters()
     print(f"Parameters: {before:,} -> {after:,} ({after / before - 1:+.1%}); {trainer.rmtkd_stop_reason}.")

@@ -2,6 +2,7 @@
 
 from .configuration_rmtkd import FORMAT_VERSION, RMTKDConfig
 from .layers_rmtkd import (
+    FoldedEmbeddings,
     LowRankConv2d,
     LowRankEmbedding,
     LowRankLinear,
@@ -30,6 +31,7 @@ from .modeling_rmtkd import (
 __all__ = [
     "FORMAT_VERSION",
     "RMTKDConfig",
+    "FoldedEmbeddings",
     "LowRankConv2d",
     "LowRankEmbedding",
     "LowRankLinear",

@@ -13,7 +13,8 @@ from transformers import AutoConfig, PreTrainedConfig
 # 4: "residual" entries narrow the residual stream between post-LayerNorms (ReducedLayerNorm).
 # 5: "folded_batchnorm" entries: a BatchNorm2d folded into the convolution before it (nn.Identity + a conv bias).
 # 6: "residual_channels" entries: a ResNet's residual stream keeps fewer whole channels (writers and readers resized).
-FORMAT_VERSION = 6
+# 7: "folded_embeddings" entries: BERT's embeddings written straight into a narrowed stream (FoldedEmbeddings).
+FORMAT_VERSION = 7
 
 # Base-config fields copied to the top level, for code that reads them from `model.config` without knowing about
 # the wrapper: pipelines (labels), generation (special tokens), tooling that sizes things by `hidden_size`.
