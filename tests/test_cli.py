@@ -204,13 +204,17 @@ def test_compress_an_image_classifier_and_fold_its_batchnorms(tiny_image_task, t
     assert model(pixel_values=torch.randn(2, 3, 16, 16)).logits.shape == (2, 3)
 
 
-def test_fold_batchnorm_on_a_model_without_batchnorm_fails_before_training(tiny, tiny_classifier, tmp_path, capsys):
+@pytest.mark.parametrize("flag,message", [
+    ("--fold_batchnorm", "--fold_batchnorm: BertForSequenceClassification has no BatchNorm"),
+    ("--fold_embeddings", "--fold_embeddings folds the embeddings into a narrowed residual stream: add residual"),
+])
+def test_a_fold_the_model_cannot_take_fails_before_training(tiny, tiny_classifier, tmp_path, capsys, flag, message):
     out = tmp_path / "run"
     status = main(["compress", "--model", str(tiny_classifier), "--dataset", str(tiny / "reviews.csv"),
                    "--text_column", "review", "--label_column", "sentiment", "--output_dir", str(out),
-                   "--fold_batchnorm", "--report_to", "none", "--use_cpu"])
+                   flag, "--report_to", "none", "--use_cpu"])
     assert status == 2
-    assert "--fold_batchnorm: BertForSequenceClassification has no BatchNorm" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (out / "compressed").exists()
 
 
@@ -234,13 +238,3 @@ def test_compress_a_text_classifier_and_fold_its_embeddings(tiny, tiny_classifie
     assert type(model.model.bert.embeddings).__name__ == "FoldedEmbeddings"
     assert model(input_ids=torch.tensor([[2, 5, 7, 3]])).logits.shape == (1, 2)
 
-
-def test_fold_embeddings_without_the_residual_kind_fails_before_training(tiny, tiny_classifier, tmp_path, capsys):
-    out = tmp_path / "run"
-    status = main(["compress", "--model", str(tiny_classifier), "--dataset", str(tiny / "reviews.csv"),
-                   "--text_column", "review", "--label_column", "sentiment", "--output_dir", str(out),
-                   "--fold_embeddings", "--report_to", "none", "--use_cpu"])
-    assert status == 2
-    assert "--fold_embeddings folds the embeddings into a narrowed residual stream: add residual" in (
-        capsys.readouterr().err)
-    assert not (out / "compressed").exists()
