@@ -200,9 +200,9 @@ def add_compress_parser(subparsers) -> None:
     parser.add_argument("--fold_batchnorm", action="store_true", help="Fold every BatchNorm into the convolution "
                         "before it once compression is done (CNNs such as ResNet): same outputs, a smaller "
                         "checkpoint, one operator less per convolution.")
-    parser.add_argument("--fold_embeddings", action="store_true", help="Fold a BERT's embeddings into its narrowed "
-                        "residual stream once compression is done (needs the residual and embedding kinds among "
-                        "--reduction_kinds): same outputs, no full-width embedding sum.")
+    parser.add_argument("--fold_embeddings", action="store_true", help="Fold an encoder's embeddings into its "
+                        "narrowed residual stream once compression is done (needs the residual and embedding kinds "
+                        "among --reduction_kinds): same outputs, no full-width embedding sum.")
     parser.set_defaults(run=run_compress)
 
 

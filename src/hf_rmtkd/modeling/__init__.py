@@ -2,6 +2,7 @@
 
 from .configuration_rmtkd import FORMAT_VERSION, RMTKDConfig
 from .layers_rmtkd import (
+    FoldedDistilBertEmbeddings,
     FoldedEmbeddings,
     LowRankConv2d,
     LowRankEmbedding,
@@ -31,6 +32,7 @@ from .modeling_rmtkd import (
 __all__ = [
     "FORMAT_VERSION",
     "RMTKDConfig",
+    "FoldedDistilBertEmbeddings",
     "FoldedEmbeddings",
     "LowRankConv2d",
     "LowRankEmbedding",

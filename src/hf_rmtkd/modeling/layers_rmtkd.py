@@ -29,10 +29,11 @@ A reduction map is ``{module path: entry}``, with module paths relative to the w
 - ``{"kind": "folded_batchnorm", "into": <conv path>}``, keyed by a ``BatchNorm2d``'s path: the norm became
   ``nn.Identity`` and its inference-time affine map lives in the convolution before it, which gains a bias (format
   version 5). Installed last, so the convolution has whatever width the other entries gave it.
-- ``{"kind": "folded_embeddings", "rank": r, "width": k + 1, "rows": N | None}``, keyed by a BERT ``embeddings``
-  module whose token embedding is a :class:`LowRankEmbedding` and whose LayerNorm starts a narrowed stream: the
-  module becomes :class:`FoldedEmbeddings`, which writes the stream's coordinates without a d-wide sum (format
-  version 7). Installed last, after the entries that factor the token embedding and narrow the stream.
+- ``{"kind": "folded_embeddings", "rank": r, "width": k + 1, "rows": N | None}``, keyed by the ``embeddings`` module
+  of a post-LayerNorm encoder whose token embedding is a :class:`LowRankEmbedding` and whose LayerNorm starts a
+  narrowed stream: the module becomes :class:`FoldedEmbeddings` (:class:`FoldedDistilBertEmbeddings`), which writes
+  the stream's coordinates without a d-wide sum (format version 7). Installed last, after the entries that factor
+  the token embedding and narrow the stream.
 """
 
 import torch
@@ -318,12 +319,12 @@ class ReducedLayerNorm(nn.Module):
 
 
 class FoldedEmbeddings(nn.Module):
-    """BERT's embeddings summed and normalised straight into the first segment of a narrowed stream (inference form).
+    """A post-LayerNorm encoder's embeddings summed and normalised straight into its narrowed stream (inference form).
 
-    With the ``embedding`` and ``residual`` kinds, BERT's embeddings add a token's up-projected code U e + b, its
-    position's and its token type's embeddings into a d-wide sum s = U e + c, and the `ReducedLayerNorm` after them
-    (W, offset, bias) moves the normalised sum into the first segment's k + 1 coordinates. Centring is linear
-    (C = I − 11ᵀ/d), so neither the variance nor the output needs s itself::
+    With the ``embedding`` and ``residual`` kinds, the embeddings of BERT (RoBERTa, XLM-R, CamemBERT, DistilBERT) add a
+    token's up-projected code U e + b, its position's and its token type's embeddings into a d-wide sum s = U e + c,
+    and the `ReducedLayerNorm` after them (W, offset, bias) moves the normalised sum into the first segment's k + 1
+    coordinates. Centring is linear (C = I − 11ᵀ/d), so neither the variance nor the output needs s itself::
 
         σ² = (eᵀ G e + 2 eᵀ h_c + |C c|²) / d,   G = (CU)ᵀ CU,   h_c = (CU)ᵀ C c
         out = (W C U e + W C c + offset) / sqrt(σ² + eps) + bias
@@ -331,27 +332,32 @@ class FoldedEmbeddings(nn.Module):
     G (``gram``) and W C U (``reader``) are fixed; h_c (``cross``), |C c|² (``constant``) and W C c + offset
     (``offsets``) are tables with one row per (token type, position) pair. The function is the same, but every tensor
     it makes is r or k + 1 wide instead of d: on MiniLM-L6 with the ``residual`` kind that removes the widest
-    activations before the last layer and makes batch-32 inference on CPU about 1.1x faster.
+    activations before the last layer and makes batch-32 inference on CPU a few percent faster.
 
-    The tables are derived, not free: training would break the identity that makes σ² a squared length, so they do not
-    train, and a folded model is for inference (fold last). It reads token ids; ``inputs_embeds`` has no code to read.
+    The tables are derived from U, which the codes do not change: the codes may still train, the tables do not. It
+    reads token ids; ``inputs_embeds`` has no code to read.
 
     Args:
         num_embeddings: V, the vocabulary size.
         rank: r, the width of a token's code.
         width: k + 1, the first stream segment's width.
         hidden_size: d, the width the embeddings' LayerNorm normalised.
-        max_position_embeddings, type_vocab_size: the sizes of BERT's position and token-type tables.
+        max_position_embeddings, type_vocab_size: the sizes of the position and token-type tables (1 type for a
+            model without token types, such as DistilBERT).
         rows: N, the stored codes (with a token -> row table, as in `LowRankEmbedding`); None stores one per token.
-        padding_idx, eps, dropout: as in the modules replaced.
+        padding_idx: the token embedding's padding index.
+        position_padding_idx: RoBERTa's rule: positions count the non-padding tokens from this index on (None:
+            positions are 0, 1, 2, ... as in BERT).
+        eps, dropout: as in the modules replaced.
     """
 
     def __init__(self, num_embeddings: int, rank: int, width: int, hidden_size: int, max_position_embeddings: int,
-                 type_vocab_size: int, rows: int | None = None, padding_idx=None, eps: float = 1e-12,
-                 dropout: float = 0.0, device=None, dtype=None):
+                 type_vocab_size: int = 1, rows: int | None = None, padding_idx=None, position_padding_idx=None,
+                 eps: float = 1e-12, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         kwargs = {"device": device, "dtype": dtype}
         self.hidden_size, self.eps, self.rows, self.positions = hidden_size, eps, rows, max_position_embeddings
+        self.position_padding_idx = position_padding_idx
         # ``word_embeddings`` is what ``get_input_embeddings()`` returns: the codes, one row of r numbers per token.
         self.word_embeddings = nn.Embedding(num_embeddings if rows is None else rows, rank,
                                             padding_idx=padding_idx if rows is None else None, **kwargs)
@@ -367,12 +373,17 @@ class FoldedEmbeddings(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, cache_length=0):
+        """BERT's and RoBERTa's call: (input_ids, token_type_ids, position_ids, inputs_embeds, cache_length)."""
         if input_ids is None:
             raise ValueError("FoldedEmbeddings reads token ids (input_ids): folded embeddings store r-dimensional "
                              "codes, so there is nothing to read inputs_embeds into.")
         if position_ids is None:  # made here: a buffer would be left uninitialised by from_pretrained's meta skeleton
-            position_ids = torch.arange(cache_length, cache_length + input_ids.shape[1], device=input_ids.device)
-        if token_type_ids is None:  # BERT's default: type 0 everywhere
+            if self.position_padding_idx is None:
+                position_ids = torch.arange(cache_length, cache_length + input_ids.shape[1], device=input_ids.device)
+            else:  # RoBERTa: padding keeps the padding index, the other tokens count on from it
+                tokens = input_ids.ne(self.position_padding_idx).long()
+                position_ids = (tokens.cumsum(1) + cache_length) * tokens + self.position_padding_idx
+        if token_type_ids is None:  # the default everywhere: type 0
             token_type_ids = torch.zeros_like(input_ids)
         codes = self.word_embeddings(input_ids if self.rows is None else self.token_rows[input_ids])
         pair = token_type_ids * self.positions + position_ids  # the row of the (token type, position) tables
@@ -388,6 +399,13 @@ class FoldedEmbeddings(nn.Module):
         stored = "" if self.rows is None else f", rows={self.rows}"
         return (f"rank={self.word_embeddings.embedding_dim}, width={self.reader.shape[0]}, "
                 f"hidden_size={self.hidden_size}{stored}, eps={self.eps}")
+
+
+class FoldedDistilBertEmbeddings(FoldedEmbeddings):
+    """`FoldedEmbeddings` called as DistilBERT calls its embeddings: (input_ids, inputs_embeds, position_ids)."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None):
+        return super().forward(input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -623,23 +641,26 @@ def plan_folded_batchnorm(model: nn.Module, path: str, entry: dict, device=None)
 
 
 def plan_folded_embeddings(model: nn.Module, path: str, entry: dict, device=None) -> dict[str, nn.Module]:
-    """Shape-only replacement for a ``folded_embeddings`` entry: ``{path: FoldedEmbeddings}``."""
+    """Shape-only replacement for a ``folded_embeddings`` entry: ``{path: FoldedEmbeddings}`` (the DistilBERT
+    variant, whose embeddings have no token types, `FoldedDistilBertEmbeddings`)."""
     embeddings = get_submodule(model, path)
     words = getattr(embeddings, "word_embeddings", None)
     norm = getattr(embeddings, "LayerNorm", None)
     if not (isinstance(words, LowRankEmbedding) and isinstance(norm, ReducedLayerNorm) and norm.full_input):
         raise ModulePathError(
-            f"folded_embeddings '{path}': needs BERT embeddings whose 'word_embeddings' is a LowRankEmbedding (the "
+            f"folded_embeddings '{path}': needs embeddings whose 'word_embeddings' is a LowRankEmbedding (the "
             "embedding kind) and whose 'LayerNorm' starts a narrowed stream (the residual kind); got "
             f"{type(embeddings).__name__} with {type(words).__name__} and {type(norm).__name__}.")
     rank, width, rows = entry.get("rank"), entry.get("width"), entry.get("rows")
     if (rank, width, rows) != (words.rank, norm.output_width, words.rows):
         raise ValueError(f"folded_embeddings '{path}': the entry's rank {rank}, width {width} and rows {rows} must be "
                          f"the model's: {words.rank}, {norm.output_width} and {words.rows}.")
-    positions, types = embeddings.position_embeddings, embeddings.token_type_embeddings
-    new = FoldedEmbeddings(words.num_embeddings, rank, width, norm.hidden_size, positions.num_embeddings,
-                           types.num_embeddings, rows=rows, padding_idx=words.padding_idx, eps=norm.eps,
-                           dropout=embeddings.dropout.p, **_factory(words.embed, device))
+    positions, types = embeddings.position_embeddings, getattr(embeddings, "token_type_embeddings", None)
+    folded = FoldedEmbeddings if types is not None else FoldedDistilBertEmbeddings
+    new = folded(words.num_embeddings, rank, width, norm.hidden_size, positions.num_embeddings,
+                 1 if types is None else types.num_embeddings, rows=rows, padding_idx=words.padding_idx,
+                 position_padding_idx=positions.padding_idx, eps=norm.eps, dropout=embeddings.dropout.p,
+                 **_factory(words.embed, device))
     return {path: new}
 
 
