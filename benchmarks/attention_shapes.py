@@ -61,8 +61,8 @@ from transformers.models.bert.modeling_bert import (
 
 from hf_rmtkd import fold_embeddings
 from hf_rmtkd.bench import compare_speed, count_flops, example_inputs
-from hf_rmtkd.modeling.layers_rmtkd import LowRankEmbedding, LowRankLinear
-from hf_rmtkd.reductions.residual import stream_widths
+from hf_rmtkd.embedding_folding import can_fold_embeddings
+from hf_rmtkd.modeling.layers_rmtkd import LowRankLinear
 from hf_rmtkd.utils import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,13 +90,6 @@ class FusedQKVAttention(BertSelfAttention):
     def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         qkv = F.linear(self.query.project(hidden_states), self.qkv_weight, self.qkv_bias)
         return _attend(self, *qkv.chunk(3, dim=-1), attention_mask, hidden_states.shape[:-1], **kwargs)
-
-
-def folds_embeddings(model: nn.Module) -> bool:
-    """Whether `hf_rmtkd.fold_embeddings` applies: a narrowed stream (the residual kind) and factored token
-    embeddings."""
-    reductions = getattr(model.config, "reductions", None)
-    return bool(stream_widths(reductions)) and isinstance(model.get_input_embeddings(), LowRankEmbedding)
 
 
 def with_folded_embeddings(model: nn.Module) -> nn.Module:
@@ -193,7 +186,7 @@ def main() -> None:
         variants[f"query_key_{width}"] = with_query_key_width(rmtkd, width)
         variants[f"head_size_{width}"] = with_head_size(rmtkd, width)
     folded_error = None
-    if folds_embeddings(rmtkd):  # the residual kind: its stream starts narrow, so can its embeddings
+    if can_fold_embeddings(rmtkd):  # the residual kind: its stream starts narrow, so can its embeddings
         variants["folded_embeddings"] = with_folded_embeddings(rmtkd)
         with torch.inference_mode():
             folded_error = (variants["folded_embeddings"](**batch).logits - rmtkd(**batch).logits).abs().max().item()

@@ -411,9 +411,6 @@ def test_the_folded_embeddings_variant_folds_a_copy(bert, bert_with_narrow_strea
     inputs = tiny_inputs("bert")
     with torch.no_grad():
         assert torch.allclose(folded(**inputs).logits, bert_with_narrow_stream(**inputs).logits, atol=1e-5)
-    assert attention_shapes.folds_embeddings(bert_with_narrow_stream)
-    assert not attention_shapes.folds_embeddings(folded)  # folded already: its input embeddings are the codes
-    assert not attention_shapes.folds_embeddings(bert)
 
 
 def test_attention_what_ifs_are_reported_with_what_reaches_the_targets(tmp_path):

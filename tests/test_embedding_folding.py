@@ -12,6 +12,7 @@ import transformers
 from tiny_models import tiny_inputs, tiny_model
 
 import hf_rmtkd
+from hf_rmtkd.embedding_folding import can_fold_embeddings
 from hf_rmtkd.modeling import FoldedEmbeddings, ModulePathError, RMTKDConfig
 from hf_rmtkd.modeling.layers_rmtkd import apply_reduction_map
 from hf_rmtkd.plan import DEFAULT_KINDS
@@ -77,12 +78,14 @@ def folded(tmp_path_factory):
         model = build()
         with torch.no_grad():
             reference = model(**_inputs(arch), output_hidden_states=True)
+        foldable = can_fold_embeddings(model)
         result = hf_rmtkd.fold_embeddings(model)
         with torch.no_grad():
             output = result(**_inputs(arch), output_hidden_states=True)
         directory = tmp_path_factory.mktemp(case)
         result.save_pretrained(directory)
-        items[case] = {"reference": reference, "output": output, "model": result, "dir": directory, "arch": arch}
+        items[case] = {"reference": reference, "output": output, "model": result, "dir": directory, "arch": arch,
+                       "foldable": foldable}
     return items
 
 
@@ -96,6 +99,7 @@ def test_folding_keeps_the_outputs(folded, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_fold_is_recorded_and_holds_nothing_full_width(folded, case):
+    assert folded[case]["foldable"]
     model = folded[case]["model"]
     path = f"{folded[case]['arch']}.embeddings"
     embeddings = model.model.get_submodule(path)
@@ -147,8 +151,17 @@ def test_inputs_embeds_are_refused_by_name(folded):
     ],
 )
 def test_a_model_without_what_the_fold_needs_is_refused(build, message):
+    model = build()
+    assert not can_fold_embeddings(model)
     with pytest.raises(ValueError, match=message):
-        hf_rmtkd.fold_embeddings(build())
+        hf_rmtkd.fold_embeddings(model)
+
+
+def test_a_folded_model_cannot_be_folded_again(folded):
+    model = folded["residual_and_embedding"]["model"]
+    assert not can_fold_embeddings(model)
+    with pytest.raises(ValueError, match="fold_embeddings: 'bert.embeddings' is folded already"):
+        hf_rmtkd.fold_embeddings(model)
 
 
 def test_a_folded_embeddings_entry_on_unreduced_embeddings_names_the_module():

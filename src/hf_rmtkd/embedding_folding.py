@@ -28,7 +28,7 @@ from .reductions.residual import POST_NORM_MODEL_TYPES
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["fold_embeddings"]
+__all__ = ["can_fold_embeddings", "fold_embeddings"]
 
 
 @torch.no_grad()
@@ -45,6 +45,38 @@ def _fold_tables(embeddings: nn.Module) -> dict[str, torch.Tensor]:
     return {"gram": centred_up.T @ centred_up, "cross": constant @ centred_up, "constant": constant.square().sum(-1),
             "reader": reader @ centred_up, "offsets": constant @ reader.T + norm.offset.double(),
             "bias": norm.bias.double()}
+
+
+def _embeddings_to_fold(model) -> tuple[str | None, str | None]:
+    """``(path of the embeddings module, None)`` if `fold_embeddings` can fold ``model``, else ``(None, why not)``."""
+    if not isinstance(model, RMTKDPreTrainedModel):
+        return None, (f"expected an RMT-KD model (RMTKD*), got {type(model).__name__}; compress it with the residual "
+                      "and embedding kinds first")
+    model_type = model.config.base_config.get("model_type")
+    if model_type not in POST_NORM_MODEL_TYPES:
+        return None, (f"it folds the embeddings of post-LayerNorm encoders (model types "
+                      f"{list(POST_NORM_MODEL_TYPES)}); this model's base is {model_type!r}")
+    folded = [path for path, entry in model.config.reductions.items() if entry.get("kind") == "folded_embeddings"]
+    if folded:
+        return None, f"'{folded[0]}' is folded already"
+    norm_path = unique_module_path(model.model, "embeddings.LayerNorm")
+    if norm_path is None:
+        return None, f"{type(model.model).__name__} has no single 'embeddings.LayerNorm' module"
+    path = norm_path.removesuffix(".LayerNorm")
+    embeddings = get_submodule(model.model, path)
+    words, norm = embeddings.word_embeddings, embeddings.LayerNorm
+    if not isinstance(words, LowRankEmbedding):
+        return None, (f"'{path}.word_embeddings' is a {type(words).__name__}; the fold needs the token embedding "
+                      "factored (the embedding kind among the reduction kinds)")
+    if not (isinstance(norm, ReducedLayerNorm) and norm.full_input):
+        return None, (f"'{norm_path}' is a {type(norm).__name__} that does not start a narrowed stream; the fold "
+                      "needs the residual kind among the reduction kinds")
+    return path, None
+
+
+def can_fold_embeddings(model) -> bool:
+    """Whether :func:`fold_embeddings` can fold ``model``'s embeddings."""
+    return _embeddings_to_fold(model)[0] is not None
 
 
 def fold_embeddings(model: RMTKDPreTrainedModel) -> RMTKDPreTrainedModel:
@@ -74,23 +106,11 @@ def fold_embeddings(model: RMTKDPreTrainedModel) -> RMTKDPreTrainedModel:
         >>> small.save_pretrained("bert-folded")  # from_pretrained rebuilds FoldedEmbeddings  # doctest: +SKIP
         ```
     """
-    if not isinstance(model, RMTKDPreTrainedModel):
-        raise ValueError(f"fold_embeddings: expected an RMT-KD model (RMTKD*), got {type(model).__name__}; compress "
-                         "it with the residual and embedding kinds first.")
-    model_type = model.config.base_config.get("model_type")
-    norm_path = unique_module_path(model.model, "embeddings.LayerNorm")
-    if model_type not in POST_NORM_MODEL_TYPES or norm_path is None:
-        raise ValueError(f"fold_embeddings folds the embeddings of post-LayerNorm encoders (model types "
-                         f"{list(POST_NORM_MODEL_TYPES)}); this model's base is {model_type!r}.")
-    path = norm_path.removesuffix(".LayerNorm")
+    path, why_not = _embeddings_to_fold(model)
+    if path is None:
+        raise ValueError(f"fold_embeddings: {why_not}.")
     embeddings = get_submodule(model.model, path)
     words, norm = embeddings.word_embeddings, embeddings.LayerNorm
-    if not isinstance(words, LowRankEmbedding):
-        raise ValueError(f"fold_embeddings: '{path}.word_embeddings' is a {type(words).__name__}; the fold needs the "
-                         "token embedding factored (the embedding kind among the reduction kinds).")
-    if not (isinstance(norm, ReducedLayerNorm) and norm.full_input):
-        raise ValueError(f"fold_embeddings: '{norm_path}' is a {type(norm).__name__} that does not start a narrowed "
-                         "stream; the fold needs the residual kind among the reduction kinds.")
     entry = {"kind": "folded_embeddings", "rank": words.rank, "width": norm.output_width, "rows": words.rows}
     tables = _fold_tables(embeddings)
     new = plan_reduction(model.model, path, entry)[path]
