@@ -463,12 +463,13 @@ def _attention_shapes_lines(study: dict) -> list[str]:
         return "; ".join(names) if names else "none"
 
     if head_to_head := study.get("folded_embeddings_vs_row"):
+        def timed(batch: str) -> str:
+            entry = head_to_head[batch]
+            return f"x{entry['speedup']:.3f} ({', '.join(f'x{s:.3f}' for s in entry['speedups'])})"
+
         lines += ["", "The row as is against its embeddings folded (`hf_rmtkd.fold_embeddings`), the same function "
                   f"timed head to head (median of {len(head_to_head['b32']['speedups'])} comparisons of "
-                  f"{head_to_head['b32']['runs']} rounds): x{head_to_head['b32']['speedup']:.3f} at batch 32 "
-                  f"({', '.join(f'x{s:.3f}' for s in head_to_head['b32']['speedups'])}), "
-                  f"x{head_to_head['b1']['speedup']:.3f} at batch 1 "
-                  f"({', '.join(f'x{s:.3f}' for s in head_to_head['b1']['speedups'])})."]
+                  f"{head_to_head['b32']['runs']} rounds): {timed('b32')} at batch 32, {timed('b1')} at batch 1."]
     lines += ["", f"At {SPEED_SHARE_OF_FLOP_CEILING:.0%} of the FLOP ratio or above: "
               + ("; ".join(reaching) if reaching else "none") + ". Live tensors falling at least as far as the "
               f"parameters: at batch 32, {below_params(32)}; at batch 1, {below_params(1)}.", ""]

@@ -432,8 +432,8 @@ def test_attention_what_ifs_are_reported_with_what_reaches_the_targets(tmp_path)
     assert "What-if attention shapes of row `rmtkd` (`benchmarks/attention_shapes.py --row rmtkd`" in text
     assert "median of 3 comparisons of 30 rounds" in text
     assert ("The row as is against its embeddings folded (`hf_rmtkd.fold_embeddings`), the same function timed head "
-            "to head (median of 3 comparisons of 90 rounds): x1.050 at batch 32 (x1.040, x1.050, x1.060), x1.030 at "
-            "batch 1 (x1.030, x1.020, x1.030).") in text
+            "to head (median of 3 comparisons of 90 rounds): x1.050 (x1.040, x1.050, x1.060) at batch 32, x1.030 "
+            "(x1.030, x1.020, x1.030) at batch 1.") in text
     assert ("| the row's shapes | x0.200 | x5.00 | x3.90 | 78% | x0.310 | x0.210 "
             "| 14.1 MB, `encoder.layer.5.attention.self` |") in text
     assert "| q/k/v in one product | x0.200 | x5.00 | x4.10 | 82% | x0.400 | — | — |" in text

@@ -213,6 +213,7 @@ def build_model_card(
     params_before = params_before if params_before is not None else _base_parameters(model)
     auto_class = type(model).base_auto_class.__name__
     stock_class = type(model.model).__name__
+    kinds = {path: entry.get("kind") for path, entry in (getattr(model.config, "reductions", None) or {}).items()}
     return ModelCard.from_template(
         card_data,
         template_str=template_text(),
@@ -231,10 +232,8 @@ def build_model_card(
         metric_change=_difference(metric_after, metric_before),
         sites=_site_rows(model, report, rmtkd_log),
         stream=_stream_widths(model),
-        folded_norms=sum(entry.get("kind") == "folded_batchnorm"
-                         for entry in (getattr(model.config, "reductions", None) or {}).values()),
-        folded_embeddings=[path for path, entry in (getattr(model.config, "reductions", None) or {}).items()
-                           if entry.get("kind") == "folded_embeddings"],
+        folded_norms=sum(kind == "folded_batchnorm" for kind in kinds.values()),
+        folded_embeddings=[path for path, kind in kinds.items() if kind == "folded_embeddings"],
         report_file=_listed(directory, REPORT_NAME, report is not None),
         log_file=_listed(directory, LOG_NAME, bool(rmtkd_log)),
         images=_images(directory, image_dir, report),

@@ -35,7 +35,8 @@ __all__ = ["can_fold_embeddings", "fold_embeddings"]
 def _fold_tables(embeddings: nn.Module) -> dict[str, torch.Tensor]:
     """`FoldedEmbeddings`' tensors from the modules it replaces (float64)."""
     words, norm = embeddings.word_embeddings, embeddings.LayerNorm
-    centred_up = words.up.weight.double() - words.up.weight.double().mean(0)  # C U
+    up = words.up.weight.double()
+    centred_up = up - up.mean(0)  # C U
     positions = embeddings.position_embeddings.weight.double()
     types = getattr(embeddings, "token_type_embeddings", None)  # DistilBERT has none: one type, adding nothing
     types = torch.zeros_like(positions[:1]) if types is None else types.weight.double()
