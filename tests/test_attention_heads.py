@@ -156,6 +156,27 @@ def test_planner_drops_heads_only_under_a_signal_fraction_and_only_when_enabled(
     assert {c.kind for c in cuts(0.6, ["ffn_width", "low_rank", "embedding"]).values()} == {"low_rank"}
 
 
+def test_a_head_fraction_below_the_sites_own_drops_more_heads_and_never_fewer():
+    base, measurements = _measured("bert")
+
+    def heads_kept(fraction, head_fraction):
+        plan = plan_reductions(keep_signal_fraction(measurements, fraction), base, kinds=KINDS, min_rank=2,
+                               head_fraction=head_fraction)
+        n_heads = base.config.num_attention_heads
+        return {c.site: len(c.heads) if c.kind == "attention_heads" else n_heads
+                for c in plan.cuts if c.role == "attention_out"}
+
+    at_own, lower, higher = heads_kept(0.9, None), heads_kept(0.9, 0.3), heads_kept(0.9, 1.0)
+    assert higher == at_own  # a head fraction above the site's own changes nothing
+    assert lower.keys() == at_own.keys() and all(lower[s] <= at_own[s] for s in at_own)
+    assert sum(lower.values()) < sum(at_own.values())
+    # Without a target (the spectrum's own cut, fraction 1) heads drop only when a head fraction asks for it.
+    assert all(c.kind != "attention_heads" for c in plan_reductions(measurements, base, kinds=KINDS, min_rank=2).cuts)
+    assert sum(heads_kept(1.0, 0.3).values()) < len(heads_kept(1.0, 0.3)) * base.config.num_attention_heads
+    with pytest.raises(ValueError, match="head_fraction must lie in"):
+        plan_reductions(measurements, base, kinds=KINDS, head_fraction=1.2)
+
+
 @pytest.mark.parametrize("arch", ["distilbert", "llama"])
 def test_architectures_whose_attention_fixes_its_head_count_never_drop_heads(arch):
     base, measurements = _measured(arch)

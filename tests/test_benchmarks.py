@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import attention_shapes  # noqa: E402
 import baselines  # noqa: E402
 import distillation_sweep  # noqa: E402
+import head_fraction_speed  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
 import speed_breakdown  # noqa: E402
@@ -445,6 +446,37 @@ def test_attention_what_ifs_are_reported_with_what_reaches_the_targets(tmp_path)
             "parameters: at batch 32, queries, keys and values of 8 features per head; at batch 1, queries, keys and "
             "values of 8 features per head; embeddings folded into the narrow stream (`hf_rmtkd.fold_embeddings`).") \
         in text
+
+
+def test_fewer_heads_are_planned_at_the_same_target(bert, bert_measurements):
+    teacher_params = bert.num_parameters()
+    default, f, heads = head_fraction_speed.planned_model(bert, bert_measurements, None, target=0.4, min_rank=2)
+    fewer, f_fewer, heads_fewer = head_fraction_speed.planned_model(bert, bert_measurements, 0.2, target=0.4,
+                                                                    min_rank=2)
+    n_heads = bert.config.num_attention_heads
+    kept = sum(heads.get(name, n_heads) for name in heads | heads_fewer)
+    assert sum(heads_fewer.get(name, n_heads) for name in heads | heads_fewer) < kept
+    assert f_fewer >= f  # what the heads no longer hold, the other sites may keep
+    for model in (default, fewer):
+        assert model.num_parameters() <= round(0.4 * teacher_params)
+        _runs(model)
+    assert bert.num_parameters() == teacher_params  # the teacher is left alone
+
+
+def test_the_head_fraction_study_is_reported_under_the_text_benchmark(tmp_path):
+    def fraction(g, f, heads, speedup, flops):
+        return {"head_signal_fraction": g, "signal_fraction": f, "heads_kept_total": heads, "param_ratio": 0.2,
+                "flop_ratio": flops, "speedup": speedup, "speedups": [speedup] * 3,
+                "share_of_flop_ceiling": speedup / flops}
+
+    study = {"input": "batch 32 x 64", "environment": {"torch_threads": 2}, "runs_per_comparison": 30,
+             "target_params": 0.2, "teacher_heads": 72,
+             "fractions": [fraction(None, 0.9017, 52, 3.5, 5.27), fraction(0.4, 0.9424, 15, 5.2, 7.36)]}
+    text = readme_with_breakdown(tmp_path, "head_fraction_speed.json", study)
+    assert "Fewer heads at the same target (`benchmarks/head_fraction_speed.py`" in text
+    assert "median of 3 comparisons of 30 rounds, fractions interleaved" in text
+    assert "| f (default) | 0.902 | 52 | x0.200 | x5.27 | x3.50 | 66% |" in text
+    assert "| 0.4 | 0.942 | 15 | x0.200 | x7.36 | x5.20 | 71% |" in text
 
 
 @pytest.mark.parametrize("kinds", [DEFAULT_KINDS, ("residual", *DEFAULT_KINDS)])

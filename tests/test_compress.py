@@ -57,6 +57,19 @@ def test_compress_cuts_and_reloads(arch, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, small.eval()(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_compress_with_a_head_fraction_drops_heads_and_reloads(tmp_path):
+    model = tiny_model("bert")
+    small = hf_rmtkd.compress(model, calibration_batches("bert"), min_rank=2, head_signal_fraction=0.3,
+                              progress=False)
+    heads = {path: e for path, e in small.config.reductions.items() if e["kind"] == "attention_heads"}
+    assert heads and all(len(e["heads"]) < model.config.num_attention_heads for e in heads.values())
+    small.save_pretrained(tmp_path)
+    reloaded = type(small).from_pretrained(tmp_path).eval()
+    inputs = tiny_inputs("bert", seed=99)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, small.eval()(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_planner_skips_cuts_that_save_nothing():
     model = tiny_model("bert")
     small = hf_rmtkd.compress(model, calibration_batches("bert"), min_rank=30, progress=False)

@@ -1,5 +1,6 @@
 """RMTKDTrainer end to end on tiny BERT, ResNet and LLaMA configs with learnable synthetic tasks."""
 
+import copy
 import json
 
 import datasets
@@ -169,12 +170,17 @@ def test_parameter_target_is_reached_by_the_target_search(search, tmp_path):
 
 def test_attention_heads_kind_drops_heads_under_a_target_and_the_result_reloads(tmp_path):
     teacher, train, test, metrics = teacher_for("bert", tmp_path)
-    args = RMTKDTrainingArguments(
-        **common_args(tmp_path / "heads"), sites_per_round=64, max_rounds=1, distillation_steps_per_round=2,
-        min_rank=2, max_metric_drop=1.0, target_params=0.25,  # reached at a signal fraction of about 0.57
-        reduction_kinds=["ffn_width", "low_rank", "embedding", "attention_heads"],
-    )
-    trainer = RMTKDTrainer(model=teacher, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+
+    def heads_args(output_dir, **extra):
+        return RMTKDTrainingArguments(
+            **common_args(output_dir), sites_per_round=64, max_rounds=1, distillation_steps_per_round=2,
+            min_rank=2, max_metric_drop=1.0, target_params=0.25,  # reached at a signal fraction of about 0.57
+            reduction_kinds=["ffn_width", "low_rank", "embedding", "attention_heads"], **extra,
+        )
+
+    uncut = copy.deepcopy(teacher)  # the trainer cuts the model it is given
+    trainer = RMTKDTrainer(model=teacher, args=heads_args(tmp_path / "heads"), train_dataset=train, eval_dataset=test,
+                           compute_metrics=metrics)
     trainer.train()
     entries = trainer.model.config.reductions
     heads = {path: entry for path, entry in entries.items() if entry["kind"] == "attention_heads"}
@@ -184,6 +190,17 @@ def test_attention_heads_kind_drops_heads_under_a_target_and_the_result_reloads(
         assert 1 <= len(entry["heads"]) < n_heads and entry["width"] == len(entry["heads"]) * entry["head_dim"]
     assert trainer.model.num_parameters() <= round(0.25 * trainer.rmtkd_log[0]["params_before"])
     assert_reloads_the_same(trainer, tmp_path / "final", test)
+
+    # A lower head fraction drops more heads at the same target; the other sites keep what they held.
+    fewer = RMTKDTrainer(model=uncut, args=heads_args(tmp_path / "fewer", head_signal_fraction=0.2),
+                         train_dataset=train, eval_dataset=test, compute_metrics=metrics)
+    fewer.train()
+    kept = [len(e["heads"]) for e in fewer.model.config.reductions.values() if e["kind"] == "attention_heads"]
+    assert sum(kept) + n_heads * (len(heads) - len(kept)) < sum(len(e["heads"]) for e in heads.values())
+    assert fewer.model.num_parameters() <= round(0.25 * fewer.rmtkd_log[0]["params_before"])
+    fewer.save_model(str(tmp_path / "fewer_final"))
+    assert "signal fraction the kept attention heads hold (below the sites' own: fewer heads) | 0.2" in (
+        tmp_path / "fewer_final" / "README.md").read_text()
 
 
 def _calibrated_tiny_bert():

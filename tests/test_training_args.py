@@ -50,6 +50,8 @@ INVALID = [
     ("distillation_copy_tokens", "synonyms"),
     ("distillation_mixup", -0.4),
     ("embedding_vocabulary", "test"),
+    ("head_signal_fraction", 1.5),
+    ("head_signal_fraction", "half"),
     ("target_params", 0.0),
     ("target_params", -5),
     ("target_params", 2.5),
@@ -90,6 +92,12 @@ def test_defaults_are_valid(tmp_path):
 def test_invalid_value_names_the_field(tmp_path, name, value):
     with pytest.raises(ValueError, match=rf"^{name} must"):
         make(tmp_path, **{name: value})
+
+
+def test_a_head_fraction_needs_the_attention_heads_kind(tmp_path):
+    with pytest.raises(ValueError, match=r"^head_signal_fraction must be None unless reduction_kinds includes"):
+        make(tmp_path, head_signal_fraction=0.5, reduction_kinds=["ffn_width", "low_rank"])
+    assert make(tmp_path, head_signal_fraction=0.5).head_signal_fraction == 0.5
 
 
 def test_single_strings_become_lists(tmp_path):
@@ -177,7 +185,8 @@ def test_command_line_round_trip(tmp_path):
         "--spectrum_edge", "bare",
         "--min_rank", "4",
         "--rmtkd_targets", "ffn_inner", "*.attention.self.query",
-        "--reduction_kinds", "ffn_width", "embedding",
+        "--reduction_kinds", "ffn_width", "attention_heads", "embedding",
+        "--head_signal_fraction", "0.6",
         "--ffn_width_method", "fold",
         "--embedding_vocabulary", "train",
         "--sites_per_round", "2",
@@ -208,7 +217,8 @@ def test_command_line_round_trip(tmp_path):
         "calibration_fraction": 0.05, "calibration_max_examples": 256, "calibration_max_tokens": 20000,
         "calibration_centre": False, "effective_samples": "sequences", "spectrum_estimator": "mp_quantile",
         "spectrum_quantile": 0.3, "spectrum_edge": "bare", "min_rank": 4,
-        "rmtkd_targets": ["ffn_inner", "*.attention.self.query"], "reduction_kinds": ["ffn_width", "embedding"],
+        "rmtkd_targets": ["ffn_inner", "*.attention.self.query"],
+        "reduction_kinds": ["ffn_width", "attention_heads", "embedding"], "head_signal_fraction": 0.6,
         "ffn_width_method": "fold", "sites_per_round": 2, "max_rounds": 6, "distillation_epochs_per_round": 0.5,
         "distillation_steps_per_round": 40, "final_distillation_steps": 100, "warmup_metric_threshold": 0.8,
         "warmup_max_epochs": 2.0, "distillation_alpha": 0.5, "distillation_temperature": 1.5,

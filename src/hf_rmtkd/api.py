@@ -103,6 +103,7 @@ def compress(
     min_keep_ratio: float = 0.0,
     ffn_method: str = "select",
     vocabulary: list[int] | None = None,
+    head_signal_fraction: float | None = None,
     centre: bool = True,
     estimator: str = "mp_fit",
     quantile: float = 0.5,
@@ -121,8 +122,9 @@ def compress(
         data: calibration data, as for `analyze`.
         targets: restrict to sites by role, glob or regex.
         kinds: reduction kinds allowed (``ffn_width``, ``low_rank``, ``attention_heads``, ``embedding``).
-            ``attention_heads`` drops heads only under a parameter target (`RMTKDTrainer`), so a one-shot cut keeps
-            every head that carries signal and factors the attention output instead. ``residual``
+            ``attention_heads`` drops heads only under a parameter target (`RMTKDTrainer`) or with
+            ``head_signal_fraction``; otherwise a one-shot cut keeps every head that carries signal and factors the
+            attention output instead. ``residual``
             (post-LayerNorm encoders) first narrows the residual stream between every two LayerNorms
             (`reductions.residual`).
         min_rank: smallest rank / width installed.
@@ -131,6 +133,9 @@ def compress(
         vocabulary: token ids whose embedding codes an ``embedding`` cut stores, e.g.
             ``reductions.token_ids_used(train_set)`` plus the tokenizer's special ids; every other token reads its
             nearest kept token's code. None (default) stores every token's.
+        head_signal_fraction: with ``attention_heads``, keep of each attention output the fewest heads holding this
+            fraction of its signal (`RMTKDTrainingArguments.head_signal_fraction`). None (default): every head with
+            signal.
         centre, estimator, quantile, edge, effective_samples, max_tokens, batch_size, collate_fn, progress:
             as for `analyze`.
         inplace: cut ``model`` itself; by default a copy is cut and ``model`` is left untouched.
@@ -157,7 +162,7 @@ def compress(
         effective_samples=effective_samples,
     )
     plan = plan_reductions(measurements, base, kinds=kinds, min_rank=min_rank, min_keep_ratio=min_keep_ratio,
-                           vocabulary=vocabulary)
+                           vocabulary=vocabulary, head_fraction=head_signal_fraction)
     added = {**stream, **apply_plan(base, plan, measurements, ffn_method=ffn_method)}
     settings = dict(centre=centre, estimator=estimator, quantile=quantile, edge=edge,
                     effective_samples=effective_samples, max_tokens=max_tokens, min_rank=min_rank,

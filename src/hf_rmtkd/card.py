@@ -54,6 +54,7 @@ SETTING_LABELS = {
     "spectrum_quantile": "τ (quantile that starts the σ² fit)",
     "signal_fraction": "signal fraction kept per site (1: every outlier; lower when a parameter target needs it)",
     "target_search": "how a parameter target is reached",
+    "head_signal_fraction": "signal fraction the kept attention heads hold (below the sites' own: fewer heads)",
     "edge": "edge (`tracy_widom`: λ₊ plus a finite-sample margin; `bare`: λ₊)",
     "spectrum_edge": "edge (`tracy_widom`: λ₊ plus a finite-sample margin; `bare`: λ₊)",
     "centre": "centring (mean subtracted before the eigen-decomposition)",

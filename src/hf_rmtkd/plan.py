@@ -159,16 +159,19 @@ def _stored_tokens(path: str, vocabulary: list[int] | None, vocab_size: int) -> 
     return tokens if len(tokens) < vocab_size else []
 
 
-def _heads_to_keep(measurement: SiteMeasurement, modules: dict, head_dim: int | None) -> list[int]:
+def _heads_to_keep(measurement: SiteMeasurement, modules: dict, head_dim: int | None,
+                   head_fraction: float | None = None) -> list[int]:
     """For an attention output whose q/k/v are still plain Linears: the fewest heads holding the site's signal
-    fraction of what its kept outliers carry, when that is fewer than all of them; else ``[]`` (no head is dropped)."""
+    fraction (or ``head_fraction``, when that is lower) of what its kept outliers carry, when that is fewer than all
+    of them; else ``[]`` (no head is dropped)."""
     site = measurement.site
     if (site.role != "attention_out" or not head_dim or not site.producers or measurement.d % head_dim
             or not all(type(modules[p]) is nn.Linear for p in site.producers)):
         return []
     signal = signal_variances(measurement.eigenvalues, measurement.outliers)
     mass = head_signal(measurement.eigenvectors[:, : signal.numel()], signal, head_dim)
-    heads = heads_holding(mass, measurement.outliers.signal_fraction)
+    fraction = measurement.outliers.signal_fraction
+    heads = heads_holding(mass, fraction if head_fraction is None else min(fraction, head_fraction))
     return heads if len(heads) * head_dim < measurement.d else []
 
 
@@ -183,6 +186,7 @@ def plan_reductions(
     max_savings: int | None = None,
     exclude: set[str] | frozenset[str] = frozenset(),
     vocabulary: list[int] | None = None,
+    head_fraction: float | None = None,
 ) -> Plan:
     """Turn measured spectra into reductions, shallow to deep.
 
@@ -198,6 +202,9 @@ def plan_reductions(
         exclude: site names not to cut (e.g. rolled back in an earlier round).
         vocabulary: token ids whose embedding codes an ``embedding`` cut stores (the others read their nearest kept
             token's; see `reductions.embedding`); None stores every token's.
+        head_fraction: with ``attention_heads``, the signal fraction each attention output's kept heads hold when it
+            is below the site's own (`RMTKDTrainingArguments.head_signal_fraction`); None: the site's own, so heads
+            drop only under a parameter target.
 
     Returns:
         A `Plan`; sites not cut are in ``plan.skipped`` with the reason.
@@ -207,6 +214,8 @@ def plan_reductions(
         raise ValueError(f"Unknown reduction kinds {sorted(unknown)}; choose from {KINDS}.")
     if min_rank < 1:
         raise ValueError(f"min_rank must be at least 1, got {min_rank}")
+    if head_fraction is not None and not 0 <= head_fraction <= 1:
+        raise ValueError(f"head_fraction must lie in [0, 1], got {head_fraction}")
     modules = dict(model.named_modules())
     cuts, skipped = [], {}
     # Widths after the cuts planned so far: a width cut (ffn_width, attention_heads) narrows its producers' outputs and
@@ -218,7 +227,7 @@ def plan_reductions(
         site, d = m.site, m.d
         kind = KIND_FOR_ROLE[site.role]
         rank = min(d, max(m.k, min_rank, math.ceil(min_keep_ratio * d)))
-        heads = _heads_to_keep(m, modules, head_dim) if site.name not in exclude else []
+        heads = _heads_to_keep(m, modules, head_dim, head_fraction) if site.name not in exclude else []
         if heads:
             kind, rank = "attention_heads", len(heads) * head_dim
         if site.name in exclude:

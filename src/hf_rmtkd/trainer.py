@@ -278,7 +278,7 @@ class RMTKDTrainer(Trainer):
         """
         args, base = self.args, base_of(self.model)
         options = dict(kinds=args.reduction_kinds, min_rank=args.min_rank, exclude=excluded,
-                       vocabulary=self._vocabulary())
+                       vocabulary=self._vocabulary(), head_fraction=args.head_signal_fraction)
         plan, quantile, fraction = None, args.spectrum_quantile, 1.0
         search = args.target_search if needed > 0 else "none"
         if self.accelerator.is_main_process:
@@ -590,7 +590,9 @@ class RMTKDTrainer(Trainer):
                          "distillation_mixup": a.distillation_mixup,
                          "embedding_vocabulary": a.embedding_vocabulary,
                          "max_metric_drop": a.max_metric_drop, "target_params": a.target_params,
-                         "sites_per_round": a.sites_per_round},
+                         "sites_per_round": a.sites_per_round,
+                         **({"head_signal_fraction": a.head_signal_fraction}
+                            if a.head_signal_fraction is not None else {})},
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -170,6 +170,16 @@ class RMTKDTrainingArguments(TrainingArguments):
             "choices": list(KINDS),
         },
     )
+    head_signal_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "With 'attention_heads': the signal fraction each attention output's kept heads hold, when lower "
+            "than the round's own (its signal fraction under target_params, else 1). A lower value drops more heads, "
+            "and a parameter target gives what they held to the other sites: a head costs few parameters but a "
+            "whole softmax(QK^T)V per token pair, so this trades parameters for speed. None (default): the round's "
+            "own fraction."
+        },
+    )
     ffn_width_method: str = field(
         default="select",
         metadata={
@@ -422,6 +432,11 @@ class RMTKDTrainingArguments(TrainingArguments):
             known and len(set(kinds)) == len(kinds),
             f"be a non-empty list of distinct kinds from {KINDS}",
         )
+        fraction = self.head_signal_fraction
+        self._require("head_signal_fraction", fraction is None or (_is_number(fraction) and 0 <= fraction <= 1),
+                      "be None or lie in [0, 1]")
+        self._require("head_signal_fraction", fraction is None or "attention_heads" in (kinds or []),
+                      "be None unless reduction_kinds includes 'attention_heads'")
         one_of("ffn_width_method", FFN_WIDTH_METHODS)
         one_of("embedding_vocabulary", EMBEDDING_VOCABULARIES)
         int_at_least_1("sites_per_round")
