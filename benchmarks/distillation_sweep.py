@@ -9,7 +9,7 @@ Run: ``python benchmarks/distillation_sweep.py --alpha 0.7 --hidden-weight 0 [--
 [--mixup 0]
 [--final-steps 0] [--sites-per-round 64] [--keep-only embedding|encoder]
 [--threads 1] [--kinds ffn_width low_rank embedding attention_heads] [--target 0.2] [--embedding-vocabulary all]
-[--learning-rate 2e-4]``;
+[--learning-rate 2e-4] [--head-fraction 0.6]``;
 each run appends one line to ``benchmarks/results/distillation_sweep.jsonl``.
 """
 
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=TARGET_PARAMS, help="target_params (a fraction)")
     parser.add_argument("--embedding-vocabulary", default="all", choices=["all", "train"])
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
+    parser.add_argument("--head-fraction", type=float, default=None,
+                        help="head_signal_fraction (default: the round's own signal fraction)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
@@ -98,7 +100,7 @@ def main() -> None:
                                                    "distillation_copy_tokens": options.copy_tokens,
                                                    "distillation_mixup": options.mixup},
                         kinds=options.kinds, target=options.target, vocabulary=options.embedding_vocabulary,
-                        learning_rate=options.learning_rate)
+                        learning_rate=options.learning_rate, head_fraction=options.head_fraction)
     trainer_class = RMTKDTrainer
     if options.keep_only:
         args.max_rounds = 1  # one partial round; the target is not met, and a second round would plan again
@@ -115,6 +117,7 @@ def main() -> None:
               "sites_per_round": options.sites_per_round, "keep_only": options.keep_only,
               "embedding_vocabulary": options.embedding_vocabulary, "steps": options.steps, "seed": options.seed,
               "threads": options.threads, "learning_rate": options.learning_rate,
+              "head_fraction": options.head_fraction,
               "kinds": args.reduction_kinds, "attention_heads_kept": _heads_kept(entry),
               "params": model.num_parameters(), "eval_accuracy_after_cut": entry["eval_accuracy_after_cut"],
               "eval_accuracy": entry["eval_accuracy"], "accepted": entry["accepted"],

@@ -8,7 +8,8 @@ teacher time ÷ compressed time, so above 1 means faster; ``accuracy_std`` is No
      "baselines": {"<name>": {"accuracy", "params"}}}
 
 ``results/speed_breakdown*.json``, ``results/attention_shapes*.json``, ``results/memory_probe.json``,
-``results/vision_folds.json`` and ``results/fold_speed.json``, when present, add their findings to the section.
+``results/vision_folds.json``, ``results/fold_speed.json`` and ``results/head_fraction_speed.json``, when present, add
+their findings to the section.
 Run ``python benchmarks/report.py`` (or ``run.py --report-only``) to rebuild everything from the result files.
 """
 
@@ -39,7 +40,7 @@ TARGETS = {
                     "beats_baselines": True},
 }
 SPEED_SHARE_OF_FLOP_CEILING = 0.8
-OPT_IN_ROWS = ("rmtkd_residual",)  # RMT-KD with a non-default reduction kind, held to the same targets
+OPT_IN_ROWS = ("rmtkd_residual", "rmtkd_fewer_heads")  # RMT-KD with non-default settings, held to the same targets
 MIN_TEACHER_MARGIN = 0.01  # a teacher within this of the majority-class accuracy has learned (next to) nothing
 
 
@@ -476,6 +477,25 @@ def _attention_shapes_lines(study: dict) -> list[str]:
     return lines
 
 
+def _head_fraction_lines(study: dict) -> list[str]:
+    """The RMT-KD cut planned with fewer heads and timed by `head_fraction_speed.py`
+    (``results/head_fraction_speed.json``)."""
+    rows = study["fractions"]
+    lines = [f"Fewer heads at the same target (`benchmarks/head_fraction_speed.py`: the rmtkd row's round planned "
+             f"again with `head_signal_fraction` g, target_params {study['target_params']}, the cut's own weights, no "
+             f"distillation; {study['input']}; {study['environment']['torch_threads']} thread(s)"
+             f"{_host_speed(study['environment'])}; speed-up the median of {len(rows[0]['speedups'])} comparisons of "
+             f"{study['runs_per_comparison']} rounds, fractions interleaved):", "",
+             f"| g | signal fraction f of the other sites | heads kept (of {study['teacher_heads']}) | params | "
+             "FLOP ratio | speed-up | share of the FLOP ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        g = row["head_signal_fraction"]
+        lines.append(f"| {'f (default)' if g is None else g} | {row['signal_fraction']:.3f} "
+                     f"| {row['heads_kept_total']} | x{row['param_ratio']:.3f} | x{row['flop_ratio']:.2f} "
+                     f"| x{row['speedup']:.2f} | {row['share_of_flop_ceiling']:.0%} |")
+    return lines + [""]
+
+
 def _cross_validation_lines(folds: dict) -> list[str]:
     """The vision settings compared over the folds of the training part (``results/vision_folds.json``)."""
     seeds = sorted({n for entry in folds["settings"] for n in entry["seeds_per_fold"]})
@@ -562,7 +582,8 @@ def _row_probe(probe: dict | None, name: str, row: str) -> dict | None:
 
 def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
              breakdowns: list[dict] | None = None, probe: dict | None = None, folds: dict | None = None,
-             fold_speed: dict | None = None, attention_studies: list[dict] | None = None) -> str:
+             fold_speed: dict | None = None, attention_studies: list[dict] | None = None,
+             head_fraction: dict | None = None) -> str:
     lines = [
         SECTION,
         "",
@@ -614,6 +635,8 @@ def _section(results: dict[str, dict], partial: dict[str, dict] | None = None,
                 lines += _breakdown_lines(breakdown)
             for study in attention_studies or []:
                 lines += _attention_shapes_lines(study)
+            if head_fraction:
+                lines += _head_fraction_lines(head_fraction)
         if name == "resnet_mnist" and fold_speed:
             lines += _vision_speed_lines(fold_speed)
         if name == "resnet_mnist" and folds:
@@ -666,7 +689,9 @@ def regenerate(results_dir: Path = RESULTS, readme: Path | None = README) -> dic
     folds = json.loads(folds_file.read_text()) if folds_file.exists() else None
     fold_speed_file = results_dir / "fold_speed.json"
     fold_speed = json.loads(fold_speed_file.read_text()) if fold_speed_file.exists() else None
-    section = _section(results, partial, breakdowns, probe, folds, fold_speed, attention_studies)
+    head_fraction_file = results_dir / "head_fraction_speed.json"
+    head_fraction = json.loads(head_fraction_file.read_text()) if head_fraction_file.exists() else None
+    section = _section(results, partial, breakdowns, probe, folds, fold_speed, attention_studies, head_fraction)
     if readme is None:
         print(section)
     else:
