@@ -159,14 +159,14 @@ class RMTKDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Reduction kinds allowed: 'ffn_width' (shrink an FFN's inner width), 'low_rank' (factor a "
             "layer through its input's top-k directions), 'embedding' (factor the token embeddings), "
-            "'attention_heads' (BERT family, only under target_params with the signal_fraction search: keep the "
-            "fewest heads holding the kept fraction of the attention output's signal, so attention itself gets "
-            "cheaper, which low_rank cannot do), 'residual' (post-LayerNorm encoders: BERT, RoBERTa, DistilBERT, "
-            "...; in the first round, before the cuts inside the layers, narrow the residual stream between every "
-            "two LayerNorms to its outlier count, so every Linear, norm and residual add gets narrower; on a "
-            "ResNet, keep each residual stream's outlier count of whole channels, so every convolution, "
-            "BatchNorm, pooling and residual add on it gets narrower). Sites whose kind is not listed "
-            "are left alone.",
+            "'attention_heads' (BERT family, only under target_params with the signal_fraction search or with "
+            "head_signal_fraction: keep the fewest heads holding the kept fraction of the attention output's "
+            "signal, so attention itself gets cheaper, which low_rank cannot do), 'residual' (post-LayerNorm "
+            "encoders: BERT, RoBERTa, DistilBERT, ...; in the first round, before the cuts inside the layers, "
+            "narrow the residual stream between every two LayerNorms to its outlier count, so every Linear, norm "
+            "and residual add gets narrower; on a ResNet, keep each residual stream's outlier count of whole "
+            "channels, so every convolution, BatchNorm, pooling and residual add on it gets narrower). Sites whose "
+            "kind is not listed are left alone.",
             "choices": list(KINDS),
         },
     )
