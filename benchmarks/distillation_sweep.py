@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from harness import predict_logits, run_rmtkd
-from text import FULL, LEARNING_RATE, TARGET_PARAMS, _rmtkd_args, load_data, load_teacher
+from text import FULL, LEARNING_RATE, TARGET_PARAMS, _rmtkd_args, calibration_set, load_data, load_teacher
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_rmtkd import RMTKDTrainer
@@ -92,7 +92,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     data = load_data(tokenizer, budget)
     teacher, _ = load_teacher(data, tokenizer, budget)
-    calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
+    calibration = calibration_set(data, budget)
     args = _rmtkd_args(budget, options.seed, loss={"distillation_alpha": options.alpha,
                                                    "distillation_hidden_weight": options.hidden_weight,
                                                    "distillation_temperature": options.temperature,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from harness import environment
-from text import FULL, TARGET_PARAMS, load_data, load_teacher
+from text import FULL, TARGET_PARAMS, calibration_set, load_data, load_teacher
 from transformers import AutoTokenizer
 
 from hf_rmtkd.architectures import find_sites
@@ -73,7 +73,7 @@ def main() -> None:
     data = load_data(tokenizer, FULL)
     teacher, _ = load_teacher(data, tokenizer, FULL)
     teacher.eval()
-    calibration = data["train"].shuffle(seed=0).select(range(FULL.calibration_examples)).remove_columns("labels")
+    calibration = calibration_set(data, FULL).remove_columns("labels")
     sites = find_sites(teacher)
     measurements = measure_sites(collect_statistics(teacher, calibration, sites, batch_size=64, progress=False), sites)
     batch = example_inputs(teacher, 32, 64)

@@ -124,7 +124,7 @@ def run_paper_scale(smoke: bool = False, book: RowBook | None = None) -> dict:
     teacher.eval()
     teacher_result = book.add("teacher", lambda: teacher_row(teacher, data, collator=collator, notes=source))
     print(f"[teacher] accuracy {teacher_result['accuracy']:.4f}, params {teacher_result['params']:,}", flush=True)
-    calibration = data["train"].shuffle(seed=0).select(range(PAPER.calibration_examples))
+    calibration = text.calibration_set(data, PAPER)
 
     def inputs(batch_size: int, seq_len: int) -> dict:
         return example_inputs(teacher, batch_size, seq_len)

@@ -150,6 +150,12 @@ def _settings_match(directory: Path, settings: dict) -> bool:
     return same_model and all(saved.get(key) == value for key, value in settings.items())
 
 
+def calibration_set(data: dict, budget: TextBudget):
+    """The RMT-KD rows' calibration examples: the first ``budget.calibration_examples`` of the shuffled training part
+    (seed 0), labels kept (the trainer drops the columns its model does not take)."""
+    return data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
+
+
 def teacher_cache(budget: TextBudget) -> Path:
     """Where the teacher fine-tuned for ``budget`` is cached."""
     return HERE / ".cache" / f"minilm_rt_teacher_{budget.teacher_train_examples or 'all'}_{budget.teacher_epochs:g}ep"
@@ -221,7 +227,7 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
     collator = DataCollatorWithPadding(tokenizer)
     teacher, teacher_source = load_teacher(data, tokenizer, budget)
     teacher.eval()
-    calibration = data["train"].shuffle(seed=0).select(range(budget.calibration_examples))
+    calibration = calibration_set(data, budget)
     calibration_inputs = calibration.remove_columns("labels")
     train = data["train"]  # the teacher's training set
 
