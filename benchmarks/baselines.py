@@ -8,8 +8,8 @@ on accuracy, so no test data is involved:
   (`svd_rank_ratio` does the same for convolutions, at one fraction of their input channels);
 - `pca_energy`: the RMT-KD machinery with the Marchenko-Pastur edge replaced by "keep the fewest directions holding
   a fraction of the variance" at every site, from the same calibration statistics;
-- `layer_drop`: keep every other encoder layer (DistilBERT-style initialisation from the teacher's layers), with the
-  token embedding factored by SVD to reach the matched size;
+- `layer_drop`: keep every other encoder layer, or every other block of each ResNet stage (DistilBERT-style
+  initialisation from the teacher's), then factored as `svd_uniform` or `svd_rank_ratio` to reach the matched size;
 - `rmtkd_without_distillation`: RMT-KD's rounds of calibrate, plan, cut with no distillation in between (the
   ablation of the "KD" in RMT-KD).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -50,7 +51,6 @@ __all__ = [
     "distil",
     "energy_rank",
     "layer_drop",
-    "layer_drop_params",
     "match_parameter",
     "pca_energy",
     "pca_energy_params",
@@ -252,35 +252,38 @@ def pca_energy_params(teacher: nn.Module, measurements, threshold: float, *, kin
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _kept_layers(encoder: nn.Module) -> list[nn.Module]:
-    return [layer for index, layer in enumerate(encoder.layer) if index % 2 == 0]
+# The stacks of repeated blocks that layer dropping thins: a BERT-family encoder's layer list, each ResNet stage's
+# layers (whose first block, the one that changes width and stride, is always kept).
+LAYER_STACK = re.compile(r"(^|\.)encoder\.(layer|stages\.\d+\.layers)$")
 
 
-def layer_drop_params(teacher: nn.Module, embedding_rank: int | None = None) -> int:
-    """The parameter count `layer_drop` reaches, computed without copying or factoring anything."""
-    dropped = [layer for index, layer in enumerate(teacher.base_model.encoder.layer) if index % 2 == 1]
-    total = teacher.num_parameters() - sum(p.numel() for layer in dropped for p in layer.parameters())
-    return total - (_embedding_saving(teacher, embedding_rank) if embedding_rank is not None else 0)
+def _layer_stacks(model: nn.Module) -> dict[str, nn.Module]:
+    return {path: module for path, module in model.named_modules() if LAYER_STACK.search(path)}
 
 
-def layer_drop(teacher: nn.Module, embedding_rank: int | None = None) -> nn.Module:
-    """Keep encoder layers 0, 2, 4, ... of a BERT-family model, initialised from the teacher's (as DistilBERT did).
+def layer_drop(teacher: nn.Module) -> nn.Module:
+    """Keep blocks 0, 2, 4, ... of every stack, initialised from the teacher's (as DistilBERT did).
+
+    A BERT-family encoder keeps layers 0, 2, 4, ...; a ResNet keeps blocks 0, 2, ... of every stage, so the first
+    block of a stage (which changes the width and the stride) always stays. To reach a matched size, factor the result
+    further (`svd_uniform`, `svd_rank_ratio`): dropping layers alone cannot shrink an embedding-heavy model, or a
+    ResNet of two blocks a stage, far enough.
 
     Args:
-        teacher: a BERT-family model with ``<base>.encoder.layer`` (not modified).
-        embedding_rank: when set, also factor the token embedding by truncated SVD at this rank (to reach a
-            matched parameter count; dropping layers alone cannot shrink an embedding-heavy model far enough).
+        teacher: a BERT-family model (``<base>.encoder.layer``) or a ResNet (``<base>.encoder.stages[i].layers``);
+            not modified.
     """
     model = copy.deepcopy(teacher)
-    encoder = model.base_model.encoder
-    encoder.layer = nn.ModuleList(_kept_layers(encoder))
-    model.config.num_hidden_layers = len(encoder.layer)
-    entries = {}
-    if embedding_rank is not None:
-        path = _embedding_path(model)
-        apply_embedding(model, path, _right_singular_vectors(model.get_submodule(path).weight, embedding_rank))
-        entries[path] = {"kind": "embedding", "rank": embedding_rank}
-    return wrap(model, entries)
+    for path, stack in _layer_stacks(model).items():
+        parent, _, name = path.rpartition(".")
+        kept = [layer for index, layer in enumerate(stack) if index % 2 == 0]
+        setattr(model.get_submodule(parent), name, nn.ModuleList(kept) if isinstance(stack, nn.ModuleList)
+                else nn.Sequential(*kept))
+    if hasattr(model.config, "depths"):  # ResNet-style configs count blocks per stage
+        model.config.depths = [math.ceil(depth / 2) for depth in model.config.depths]
+    else:
+        model.config.num_hidden_layers = len(model.base_model.encoder.layer)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from pathlib import Path
 from baselines import (
     distil,
     layer_drop,
-    layer_drop_params,
     match_parameter,
     pca_energy,
     pca_energy_params,
@@ -50,7 +49,7 @@ from transformers import (
 
 import hf_rmtkd
 from hf_rmtkd.architectures import find_sites
-from hf_rmtkd.bench import example_inputs
+from hf_rmtkd.bench import example_inputs, parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.data import load_rotten_tomatoes, minilm_path, tokenize_dataset
 from hf_rmtkd.metrics import compute_accuracy
@@ -264,11 +263,8 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
     rank = int(match_parameter(lambda r: svd_uniform_params(teacher, int(r)), target, 1, 384, integer=True))
     energy = match_parameter(lambda t: pca_energy_params(teacher, measurements, t, kinds=KINDS, min_rank=MIN_RANK),
                              target, 0.05, 0.99999, integer=False)
-    embedding_rank = int(match_parameter(lambda r: layer_drop_params(teacher, int(r)), target, 1, 384, integer=True))
-    smallest = layer_drop_params(teacher, 1)
-    layer_drop_limit = ("" if smallest <= target * (1 + MATCH_TOLERANCE) else
-                        f"; cannot match: the kept layers alone leave {smallest:,} parameters even with a rank-1 "
-                        "embedding, so this row is larger than RMT-KD's and its embedding is all but erased")
+    dropped = layer_drop(teacher)  # then factored like svd_uniform: dropping alone leaves the whole embedding
+    drop_rank = int(match_parameter(lambda r: svd_uniform_params(dropped, int(r)), target, 1, 384, integer=True))
 
     def kd(model, seed, loss=None):
         return distil(model, teacher, train, steps=steps, args=_kd_args(seed), data_collator=collator, loss=loss)
@@ -284,10 +280,11 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
         "svd_uniform": (lambda seed: kd(svd_uniform(teacher, rank), seed),
                         f"every encoder Linear and the token embedding at weight-SVD rank {rank}, then KD",
                         matched({"rank": rank}, svd_uniform_params(teacher, rank))),
-        "layer_drop": (lambda seed: kd(layer_drop(teacher, embedding_rank), seed),
-                       f"encoder layers 0, 2, 4 kept (DistilBERT-style init), token embedding at SVD rank "
-                       f"{embedding_rank}, then KD" + layer_drop_limit,
-                       matched({"embedding_rank": embedding_rank}, layer_drop_params(teacher, embedding_rank))),
+        "layer_drop": (lambda seed: kd(svd_uniform(dropped, drop_rank), seed),
+                       f"encoder layers 0, 2, 4 kept (DistilBERT-style init; dropping alone leaves "
+                       f"{parameter_count(dropped):,} parameters), then every kept encoder Linear and the token "
+                       f"embedding at weight-SVD rank {drop_rank} to match, then KD",
+                       matched({"rank": drop_rank}, svd_uniform_params(dropped, drop_rank))),
     }
     baselines = {name: baselines[name] for name in budget.baselines}
     for name, (make, notes, extra) in baselines.items():

@@ -7,13 +7,13 @@ Data (`hf_rmtkd.data.load_mnist5k`): a stratified 80/20 split (seed 0) gives 4,0
 RMT-KD (`RMTKDTrainer`, library defaults for every spectral and distillation setting but τ = 0.2, chosen by
 cross-validation of the training part; the user's goal ``target_params=0.5``, every site in one round, then a final
 distillation from the uncut teacher) cuts the bottleneck blocks' inner channels (`ffn_width` on ``conv_inner`` sites,
-the only sites the ResNet role table has). Baselines, where they apply to a CNN: truncated SVD of every encoder
-convolution at one kept fraction of its input channels, activation PCA at one energy threshold, both sized to RMT-KD's
-parameter count and distilled as long as RMT-KD trained; the same rounds without distillation; a τ sweep with no
-target; and RMT-KD with the opt-in ``residual`` kind (each residual stream first keeps its outlier count of whole
-channels), at its own τ chosen by cross-validation. Layer dropping is not run: the blocks that could be dropped (the
-second of each stage) carry no embedding-like bulk to trade against, and the issue asks for the baselines "where they
-apply".
+the only sites the ResNet role table has). Baselines, the text benchmark's in their CNN form: truncated SVD of every
+encoder convolution at one kept fraction of its input channels; activation PCA at one energy threshold; layer dropping
+(the second block of every stage dropped, the kept blocks initialised from the teacher's, as DistilBERT did; a stage's
+first block changes width and stride, so it stays, and the kept convolutions are factored by weight SVD to reach the
+matched size); each sized to RMT-KD's parameter count and distilled as long as RMT-KD trained; the same rounds
+without distillation; a τ sweep with no target; and RMT-KD with the opt-in ``residual`` kind (each residual stream
+first keeps its outlier count of whole channels), at its own τ chosen by cross-validation.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy
 import torch
 from baselines import (
     distil,
+    layer_drop,
     match_parameter,
     pca_energy,
     pca_energy_params,
@@ -39,6 +40,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, TrainingArg
 
 import hf_rmtkd
 from hf_rmtkd.architectures import find_sites
+from hf_rmtkd.bench import parameter_count
 from hf_rmtkd.calibration import collect_statistics, measure_sites
 from hf_rmtkd.data import load_mnist5k
 from hf_rmtkd.plan import DEFAULT_KINDS
@@ -238,6 +240,8 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
     measurements = site_measurements(teacher, calibration_inputs)
     ratio = match_parameter(lambda r: svd_rank_ratio_params(teacher, r), target, 0.01, 1.0, integer=False)
     energy = matched_energy(teacher, measurements, target)
+    dropped = layer_drop(teacher)  # then factored like svd_rank_ratio: a stage's first block always stays
+    drop_ratio = match_parameter(lambda r: svd_rank_ratio_params(dropped, r), target, 0.01, 1.0, integer=False)
     baselines = {
         "pca_energy": (lambda seed: kd(pca_energy(teacher, measurements, energy, kinds=KINDS, min_rank=MIN_RANK),
                                        seed),
@@ -249,6 +253,11 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
                            f"every encoder conv factored through ceil({ratio:.3f} c_in) weight-SVD input "
                            "directions, then KD",
                            matched({"rank_ratio": ratio}, svd_rank_ratio_params(teacher, ratio))),
+        "layer_drop": (lambda seed: kd(svd_rank_ratio(dropped, drop_ratio), seed),
+                       f"the second block of every stage dropped (DistilBERT-style init; dropping alone leaves "
+                       f"{parameter_count(dropped):,} parameters), the kept convs factored through "
+                       f"ceil({drop_ratio:.3f} c_in) weight-SVD input directions to match, then KD",
+                       matched({"conv_ratio": drop_ratio}, svd_rank_ratio_params(dropped, drop_ratio))),
     }
     for name, (make, notes, extra) in baselines.items():
         rows.timed(name, lambda make=make: make(first), notes, extra)

@@ -13,7 +13,12 @@ import pytest
 import torch
 from datasets import Dataset
 from tiny_models import tiny_inputs, tiny_model, tiny_tokenizer
-from transformers import DataCollatorWithPadding, TrainingArguments
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    TrainingArguments,
+)
 
 from hf_rmtkd import RMTKDTrainingArguments
 from hf_rmtkd.architectures import find_sites
@@ -67,13 +72,35 @@ def test_svd_at_full_rank_is_exact_on_the_encoder(bert):
         torch.testing.assert_close(model(**inputs).logits, bert(**inputs).logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("rank", [None, 6])
-def test_layer_drop_keeps_every_other_layer(bert, rank):
-    model = baselines.layer_drop(bert, rank)
-    assert parameter_count(model) == baselines.layer_drop_params(bert, rank)
-    base = model.model if hasattr(model, "model") else model
-    assert len(base.base_model.encoder.layer) == 1 and base.config.num_hidden_layers == 1
-    _runs(model)
+AUTO_CLASSES = {"bert": AutoModelForSequenceClassification, "resnet": AutoModelForImageClassification}
+LAYER_DROPS = {  # arch: (teacher overrides, blocks kept per stack, factored to a matched size by)
+    "bert": ({}, [1], lambda model: baselines.svd_uniform(model, 6)),
+    "resnet": ({"depths": [2, 3]}, [1, 2], lambda model: baselines.svd_rank_ratio(model, 0.5)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LAYER_DROPS))
+def test_layer_drop_keeps_every_other_block_then_factors_and_reloads(arch, tmp_path):
+    overrides, kept, factor = LAYER_DROPS[arch]
+    teacher = tiny_model(arch, **overrides)
+    dropped = baselines.layer_drop(teacher)
+    if arch == "bert":
+        assert len(dropped.bert.encoder.layer) == dropped.config.num_hidden_layers == kept[0]
+        assert torch.equal(dropped.bert.encoder.layer[0].output.dense.weight,
+                           teacher.bert.encoder.layer[0].output.dense.weight)
+    else:  # block 0 of each stage (width and stride change) always stays; block 2 of stage 1 is now block 1
+        assert [len(stage.layers) for stage in dropped.resnet.encoder.stages] == dropped.config.depths == kept
+        assert torch.equal(dropped.resnet.encoder.stages[1].layers[1].layer[0].convolution.weight,
+                           teacher.resnet.encoder.stages[1].layers[2].layer[0].convolution.weight)
+    assert parameter_count(dropped) < parameter_count(teacher)
+    model = factor(dropped)
+    assert parameter_count(model) < parameter_count(dropped)
+    _runs(model, arch)
+    model.save_pretrained(tmp_path)  # reloads at its own depth: the saved config carries it
+    reloaded = AUTO_CLASSES[arch].from_pretrained(tmp_path)
+    inputs = tiny_inputs(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.95])
@@ -762,7 +789,7 @@ def test_the_deployed_file_size_is_judged_when_an_export_was_measured(rmtkd_byte
 def test_kd_trainer_feature_term_pairs_hidden_states(bert, tmp_path, student_kind):
     """With β > 0 the baselines' loss adds the hidden-state term; a shallower student (layer dropping: 1 of the 2
     layers kept) is paired with evenly spaced teacher states instead of failing on the depth."""
-    student = baselines.svd_uniform(bert, 6) if student_kind == "svd_uniform" else baselines.layer_drop(bert, 6)
+    student = baselines.svd_uniform(bert if student_kind == "svd_uniform" else baselines.layer_drop(bert), 6)
     batch = {**tiny_inputs("bert", batch=4), "labels": torch.tensor([0, 1, 2, 0])}
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, use_cpu=True)
     losses = {}
