@@ -391,6 +391,14 @@ class Rows:
                 f"one-shot hf_rmtkd.compress (spectrum_quantile {tau}, every site at once) + {steps} KD steps",
                 {"distillation_steps": steps})
 
+    def baselines(self, baselines: dict, names, seed: int) -> dict:
+        """The timed rows of the baselines ``names`` at ``seed``; ``baselines``: name -> (make, notes, extra), where
+        ``make(seed)`` builds and distils one. Returns the entries of those run."""
+        chosen = {name: baselines[name] for name in names}
+        for name, (make, notes, extra) in chosen.items():
+            self.timed(name, lambda make=make: make(seed), notes, extra)
+        return chosen
+
     def strongest_seeds(self, baselines: dict, seeds) -> None:
         """More seeds for the matched baseline most accurate at the first seed; ``baselines``: name -> (make, ...)."""
         matched = [name for name in baselines if self.book.rows.get(name, {}).get("matched")]

@@ -286,9 +286,7 @@ def run_minilm_rt(budget: TextBudget, book: RowBook) -> dict | None:
                        f"embedding at weight-SVD rank {drop_rank} to match, then KD",
                        matched({"rank": drop_rank}, svd_uniform_params(dropped, drop_rank))),
     }
-    baselines = {name: baselines[name] for name in budget.baselines}
-    for name, (make, notes, extra) in baselines.items():
-        rows.timed(name, lambda make=make: make(first), notes, extra)
+    baselines = rows.baselines(baselines, budget.baselines, first)
 
     # The headline comparison first (RMT-KD and the strongest baseline over every seed), so that an interrupted run
     # has it; then the ablation, the τ sweep and the comparison with the τ-raising target search.

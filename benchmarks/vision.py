@@ -261,9 +261,7 @@ def run_resnet_mnist(budget: VisionBudget, book: RowBook) -> dict | None:
                        f"ceil({drop_ratio:.3f} c_in) weight-SVD input directions to match, then KD",
                        matched({"conv_ratio": drop_ratio}, svd_rank_ratio_params(dropped, drop_ratio))),
     }
-    baselines = {name: baselines[name] for name in budget.baselines}
-    for name, (make, notes, extra) in baselines.items():
-        rows.timed(name, lambda make=make: make(first), notes, extra)
+    baselines = rows.baselines(baselines, budget.baselines, first)
 
     tau_steps = steps if budget.tau_steps is None else budget.tau_steps
     rows.tau_sweep(calibration_inputs, data["train"], steps=tau_steps, kd_args=_kd_args(first), min_rank=MIN_RANK)
